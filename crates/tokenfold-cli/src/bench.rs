@@ -1,0 +1,137 @@
+//! `tokenfold bench …`: speed measured on the real data, reported as a table and JSON.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use clap::Subcommand;
+use serde_json::json;
+use tokenfold_data::loader::training_sample;
+use tokenfold_data::sequence::encode;
+use tokenfold_data::store::load_assets;
+use tokenfold_data::tasks::sample_rng;
+use tokenfold_data::{
+    DataPaths, Loader, Mixture, SceneConfig, SequenceConfig, Split, StreamConfig, Task,
+    TextTokenizer,
+};
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Samples per second of scene generation and sequence encoding on one core, and of the background
+    /// loader with 1 and 2 workers.
+    #[command(
+        after_help = "Example:\n  tokenfold bench data --seconds 2 --out results/bench-data.json"
+    )]
+    Data {
+        /// Time per measurement.
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+        /// Tokenizer file [default: <data>/tokenizer.json]
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// Also write the figures as JSON here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+pub fn run(command: BenchCommand, paths: &DataPaths) -> Result<()> {
+    match command {
+        BenchCommand::Data {
+            seconds,
+            tokenizer,
+            out,
+        } => bench_data(paths, seconds, tokenizer, out),
+    }
+}
+
+/// Runs `step` repeatedly for about `seconds`; returns calls per second.
+fn rate(seconds: f64, mut step: impl FnMut(u64)) -> f64 {
+    let budget = Duration::from_secs_f64(seconds.max(0.05));
+    let started = Instant::now();
+    let mut calls = 0u64;
+    while started.elapsed() < budget {
+        step(calls);
+        calls += 1;
+    }
+    calls as f64 / started.elapsed().as_secs_f64()
+}
+
+fn bench_data(
+    paths: &DataPaths,
+    seconds: f64,
+    tokenizer: Option<PathBuf>,
+    out: Option<PathBuf>,
+) -> Result<()> {
+    let started = Instant::now();
+    let assets = Arc::new(load_assets(paths, SceneConfig::default())?);
+    let load_s = started.elapsed().as_secs_f64();
+    let tokenizer = Arc::new(TextTokenizer::load(
+        &tokenizer.unwrap_or_else(|| paths.tokenizer()),
+    )?);
+    let seq = SequenceConfig::default();
+    println!(
+        "assets loaded in {load_s:.2} s ({} objects, {} digits)",
+        assets.vocab.len(),
+        assets.digits.len()
+    );
+    println!("\none core, {seconds} s per row\n");
+    println!("| task | generated samples/s | generated + encoded samples/s |\n|---|---:|---:|");
+    let mut rows = Vec::new();
+    for task in Task::ALL {
+        let generate = rate(seconds, |i| {
+            std::hint::black_box(assets.sample(task, Split::Train, None, &mut sample_rng(1, 0, i)));
+        });
+        let encoded = rate(seconds, |i| {
+            let sample = assets.sample(task, Split::Train, None, &mut sample_rng(1, 0, i));
+            std::hint::black_box(
+                encode(&sample, &tokenizer, &seq).expect("sample fits the sequence"),
+            );
+        });
+        println!("| {task} | {generate:.0} | {encoded:.0} |");
+        rows.push(
+            json!({"task": task.name(), "generated_per_s": generate, "encoded_per_s": encoded}),
+        );
+    }
+    let mixture = Mixture::uniform();
+    let mixed = rate(seconds, |i| {
+        let sample = training_sample(&assets, &mixture, 1, i);
+        std::hint::black_box(encode(&sample, &tokenizer, &seq).expect("sample fits the sequence"));
+    });
+    println!("| uniform mixture | | {mixed:.0} |");
+
+    let batch_size = 16;
+    let mut loader_rows = Vec::new();
+    println!("\nbackground loader, batch {batch_size}, uniform mixture\n");
+    println!("| workers | samples/s |\n|---:|---:|");
+    for workers in [1usize, 2] {
+        let stream = StreamConfig {
+            seed: 1,
+            batch_size,
+            mixture: mixture.clone(),
+            seq: seq.clone(),
+        };
+        let mut loader = Loader::spawn(assets.clone(), tokenizer.clone(), stream, 0, workers, 4)?;
+        loader.next_batch()?; // warm-up: thread start
+        let batches_per_s = rate(seconds, |_| {
+            std::hint::black_box(loader.next_batch().expect("the loader produces batches"));
+        });
+        let per_s = batches_per_s * batch_size as f64;
+        println!("| {workers} | {per_s:.0} |");
+        loader_rows.push(json!({"workers": workers, "samples_per_s": per_s}));
+    }
+    if let Some(out) = out {
+        let report = json!({
+            "benchmark": "data",
+            "seconds_per_measurement": seconds,
+            "assets_load_s": load_s,
+            "one_core": rows,
+            "mixture_encoded_per_s": mixed,
+            "loader": loader_rows,
+        });
+        tokenfold_data::write_atomic(&out, serde_json::to_string_pretty(&report)?.as_bytes())?;
+        println!("\nwrote {}", out.display());
+    }
+    Ok(())
+}

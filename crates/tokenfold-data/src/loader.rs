@@ -1,0 +1,203 @@
+//! The training stream: batches generated on the fly from a seed by background workers.
+//!
+//! Sample `i` of the stream depends only on (seed, i) — its task is drawn from the mixture and its content
+//! generated with [`sample_rng`] — so the stream is the same whatever the number of workers, and a run
+//! resumes exactly from a batch position. Workers produce whole batches in turn (worker w makes batches
+//! w, w + W, …) into bounded channels; the consumer reads them round-robin, in order.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::thread::JoinHandle;
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{DataError, Result};
+use crate::sequence::{Batch, SequenceConfig};
+use crate::tasks::{Assets, Sample, Split, Task, sample_rng};
+use crate::tokenizer::TextTokenizer;
+
+/// Task weights of the training mixture (relative; they need not sum to 1).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Mixture(pub Vec<(Task, f64)>);
+
+impl Mixture {
+    /// Equal weights on every image task and on text.
+    pub fn uniform() -> Mixture {
+        Mixture(Task::ALL.iter().map(|&t| (t, 1.0)).collect())
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.0.iter().any(|(_, w)| !w.is_finite() || *w < 0.0) {
+            return Err(DataError::config(
+                "mixture",
+                "weights must be finite and >= 0",
+            ));
+        }
+        if self.0.iter().map(|(_, w)| w).sum::<f64>() <= 0.0 {
+            return Err(DataError::config(
+                "mixture",
+                "at least one weight must be positive",
+            ));
+        }
+        Ok(())
+    }
+
+    fn pick(&self, rng: &mut impl Rng) -> Task {
+        let total: f64 = self.0.iter().map(|(_, w)| w).sum();
+        let mut target = rng.random::<f64>() * total;
+        for &(task, weight) in &self.0 {
+            if target < weight {
+                return task;
+            }
+            target -= weight;
+        }
+        self.0
+            .iter()
+            .rev()
+            .find(|(_, w)| *w > 0.0)
+            .map(|(t, _)| *t)
+            .unwrap_or(Task::Text)
+    }
+}
+
+impl FromStr for Mixture {
+    type Err = DataError;
+    /// Parses `exist=2,count=1,text=0.5`.
+    fn from_str(s: &str) -> Result<Mixture> {
+        let mut weights = Vec::new();
+        for part in s.split(',').filter(|p| !p.trim().is_empty()) {
+            let (task, weight) = part.split_once('=').ok_or_else(|| {
+                DataError::config("mixture", format!("'{part}' is not task=weight"))
+            })?;
+            let weight: f64 = weight.trim().parse().map_err(|_| {
+                DataError::config(
+                    "mixture",
+                    format!("weight '{weight}' of {task} is not a number"),
+                )
+            })?;
+            weights.push((task.trim().parse()?, weight));
+        }
+        let mixture = Mixture(weights);
+        mixture.validate()?;
+        Ok(mixture)
+    }
+}
+
+/// Stream `stream` (0 for training) of the training split under `seed`: sample `index`.
+pub fn training_sample(assets: &Assets, mixture: &Mixture, seed: u64, index: u64) -> Sample {
+    let mut rng = sample_rng(seed, 0, index);
+    let task = mixture.pick(&mut rng);
+    assets.sample(task, Split::Train, None, &mut rng)
+}
+
+/// Batch `batch_index` of the training stream.
+pub fn training_batch(
+    assets: &Assets,
+    tokenizer: &TextTokenizer,
+    seq: &SequenceConfig,
+    mixture: &Mixture,
+    seed: u64,
+    batch_size: usize,
+    batch_index: u64,
+) -> Result<Batch> {
+    let first = batch_index * batch_size as u64;
+    let samples: Vec<Sample> = (first..first + batch_size as u64)
+        .map(|i| training_sample(assets, mixture, seed, i))
+        .collect();
+    Batch::from_samples(&samples, tokenizer, seq)
+}
+
+/// What the loader generates.
+#[derive(Debug, Clone)]
+pub struct StreamConfig {
+    pub seed: u64,
+    pub batch_size: usize,
+    pub mixture: Mixture,
+    pub seq: SequenceConfig,
+}
+
+/// Background batch generation; see the module docs.
+pub struct Loader {
+    receivers: Vec<Receiver<Result<Batch>>>,
+    workers: Vec<JoinHandle<()>>,
+    start: u64,
+    position: u64,
+}
+
+impl Loader {
+    /// Starts `workers` threads producing batches from `start_batch` on, each keeping up to `prefetch`
+    /// batches ready.
+    pub fn spawn(
+        assets: Arc<Assets>,
+        tokenizer: Arc<TextTokenizer>,
+        stream: StreamConfig,
+        start_batch: u64,
+        workers: usize,
+        prefetch: usize,
+    ) -> Result<Loader> {
+        stream.mixture.validate()?;
+        stream.seq.validate()?;
+        if stream.batch_size == 0 {
+            return Err(DataError::config("batch_size", "must be at least 1"));
+        }
+        let workers_n = workers.max(1);
+        let stream = Arc::new(stream);
+        let mut receivers = Vec::with_capacity(workers_n);
+        let mut handles = Vec::with_capacity(workers_n);
+        for worker in 0..workers_n {
+            let (sender, receiver): (SyncSender<Result<Batch>>, _) = sync_channel(prefetch.max(1));
+            let (assets, tokenizer, stream) = (assets.clone(), tokenizer.clone(), stream.clone());
+            handles.push(std::thread::spawn(move || {
+                let mut batch_index = start_batch + worker as u64;
+                loop {
+                    let batch = training_batch(
+                        &assets,
+                        &tokenizer,
+                        &stream.seq,
+                        &stream.mixture,
+                        stream.seed,
+                        stream.batch_size,
+                        batch_index,
+                    );
+                    if sender.send(batch).is_err() {
+                        return; // the loader was dropped
+                    }
+                    batch_index += workers_n as u64;
+                }
+            }));
+            receivers.push(receiver);
+        }
+        Ok(Loader {
+            receivers,
+            workers: handles,
+            start: start_batch,
+            position: start_batch,
+        })
+    }
+
+    /// The next batch, in stream order.
+    pub fn next_batch(&mut self) -> Result<Batch> {
+        let worker = ((self.position - self.start) % self.receivers.len() as u64) as usize;
+        let batch = self.receivers[worker]
+            .recv()
+            .map_err(|_| DataError::config("loader", "a worker thread stopped"))??;
+        self.position += 1;
+        Ok(batch)
+    }
+
+    /// Index of the batch `next_batch` returns next: the data-stream position to checkpoint.
+    pub fn position(&self) -> u64 {
+        self.position
+    }
+}
+
+impl Drop for Loader {
+    fn drop(&mut self) {
+        self.receivers.clear();
+        for handle in self.workers.drain(..) {
+            let _ = handle.join();
+        }
+    }
+}

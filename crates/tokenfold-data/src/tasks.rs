@@ -1,0 +1,673 @@
+//! The benchmark tasks ("tokenfold-bench"): a question with a short answer about a generated scene.
+//!
+//! | task | plays the role of | question → answer |
+//! |---|---|---|
+//! | `exist` | POPE | "is there a {label}?" → yes / no (random, popular or adversarial negatives) |
+//! | `count` | counting | "how many times does the {label} appear?" / "how many {kind} are there?" → 0–4 |
+//! | `locate` | GQA | "where is the {label}?" → a cell name ("top left") |
+//! | `relation` | GQA | "what is left of / above the {label}?" → a label |
+//! | `read` | TextVQA (fine detail) | "what number is written?" → 2–3 handwritten digits |
+//! | `caption` | captioning | one emoji, "what is this?" → its CLDR label |
+//! | `text` | language modelling | a passage of a State of the Union address, no image |
+//!
+//! Held-out compositions: every scene has a composition key (its objects and their cells; the number for
+//! `read`; object, size and rough position for `caption`), hashed into 16 buckets. Bucket 0 is the test
+//! split, bucket 1 validation, the rest training; generation rejects scenes of other splits. So a test
+//! scene never appears in training, and neither do test numbers, test handwriting (MNIST images are split
+//! too) or test speeches.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::str::FromStr;
+
+use image::RgbImage;
+use rand::seq::{IndexedRandom, SliceRandom};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::digits::{Digits, split_of_index};
+use crate::error::{DataError, Result};
+use crate::scene::{NumberPlate, Placed, Scene, SceneConfig, Sprites, cell_name, render};
+use crate::speeches::Speeches;
+use crate::vocab::Vocabulary;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    Exist,
+    Count,
+    Locate,
+    Relation,
+    Read,
+    Caption,
+    Text,
+}
+
+impl Task {
+    pub const ALL: [Task; 7] = [
+        Task::Exist,
+        Task::Count,
+        Task::Locate,
+        Task::Relation,
+        Task::Read,
+        Task::Caption,
+        Task::Text,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Task::Exist => "exist",
+            Task::Count => "count",
+            Task::Locate => "locate",
+            Task::Relation => "relation",
+            Task::Read => "read",
+            Task::Caption => "caption",
+            Task::Text => "text",
+        }
+    }
+
+    pub fn has_image(self) -> bool {
+        self != Task::Text
+    }
+}
+
+impl fmt::Display for Task {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Task {
+    type Err = DataError;
+    fn from_str(s: &str) -> Result<Task> {
+        Task::ALL
+            .into_iter()
+            .find(|t| t.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<_> = Task::ALL.iter().map(|t| t.name()).collect();
+                DataError::config(
+                    "task",
+                    format!("unknown task '{s}' (expected one of {})", names.join(", ")),
+                )
+            })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    Train,
+    Val,
+    Test,
+}
+
+impl Split {
+    pub fn name(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Val => "val",
+            Split::Test => "test",
+        }
+    }
+}
+
+impl fmt::Display for Split {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Split {
+    type Err = DataError;
+    fn from_str(s: &str) -> Result<Split> {
+        match s {
+            "train" => Ok(Split::Train),
+            "val" => Ok(Split::Val),
+            "test" => Ok(Split::Test),
+            _ => Err(DataError::config(
+                "split",
+                format!("unknown split '{s}' (expected train, val or test)"),
+            )),
+        }
+    }
+}
+
+/// How `exist` picks the absent object of a "no" question (POPE's three splits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Negatives {
+    /// Any object not in the scene.
+    Random,
+    /// One of the most popular objects not in the scene.
+    Popular,
+    /// An object of the same subcategory as one in the scene (then the same kind).
+    Adversarial,
+}
+
+impl Negatives {
+    pub const ALL: [Negatives; 3] = [
+        Negatives::Random,
+        Negatives::Popular,
+        Negatives::Adversarial,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Negatives::Random => "random",
+            Negatives::Popular => "popular",
+            Negatives::Adversarial => "adversarial",
+        }
+    }
+}
+
+impl FromStr for Negatives {
+    type Err = DataError;
+    fn from_str(s: &str) -> Result<Negatives> {
+        Negatives::ALL
+            .into_iter()
+            .find(|n| n.name() == s)
+            .ok_or_else(|| {
+                DataError::config(
+                    "negatives",
+                    format!("unknown negatives '{s}' (expected random, popular or adversarial)"),
+                )
+            })
+    }
+}
+
+/// How many of the most popular objects count as "popular" negatives.
+pub const POPULAR_POOL: usize = 20;
+
+/// One benchmark sample.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub task: Task,
+    /// The rendered scene, `None` for `text`.
+    pub image: Option<RgbImage>,
+    /// What the image shows (objects, cells, the number), `None` for `text`.
+    pub scene: Option<Scene>,
+    /// Empty for `text`.
+    pub question: String,
+    /// The expected answer; for `text`, the passage itself.
+    pub answer: String,
+}
+
+/// Everything generation reads: the vocabulary with its sprites, the digits and the speeches.
+#[derive(Debug, Clone)]
+pub struct Assets {
+    pub scene: SceneConfig,
+    pub vocab: Vocabulary,
+    pub sprites: Sprites,
+    pub digits: Digits,
+    pub speeches: Speeches,
+    /// Bytes of text in a `text` sample.
+    pub text_bytes: usize,
+}
+
+/// A deterministic random stream for sample `index` of stream `stream` under `seed`.
+pub fn sample_rng(seed: u64, stream: u64, index: u64) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(splitmix(seed ^ splitmix(stream ^ splitmix(index))));
+    rng.set_stream(stream);
+    rng
+}
+
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The split a composition key belongs to.
+pub fn composition_split(key: &[u64]) -> Split {
+    let hash = key.iter().fold(0x7f4a_7c15_u64, |h, &k| splitmix(h ^ k));
+    match hash % 16 {
+        0 => Split::Test,
+        1 => Split::Val,
+        _ => Split::Train,
+    }
+}
+
+fn scene_key(task: Task, objects: &[Placed]) -> Vec<u64> {
+    let mut pairs: Vec<u64> = objects
+        .iter()
+        .map(|p| ((p.object as u64) << 8) | p.cell as u64)
+        .collect();
+    pairs.sort_unstable();
+    pairs.insert(0, task as u64);
+    pairs
+}
+
+impl Assets {
+    /// Generates one sample of `task` in `split`. `negatives` applies to `exist` only; `None` there draws
+    /// one of the three kinds at random (the training mixture).
+    pub fn sample(
+        &self,
+        task: Task,
+        split: Split,
+        negatives: Option<Negatives>,
+        rng: &mut ChaCha8Rng,
+    ) -> Sample {
+        let mut sample = match task {
+            Task::Exist => self.exist(split, negatives, rng),
+            Task::Count => self.count(split, rng),
+            Task::Locate => self.locate(split, rng),
+            Task::Relation => self.relation(split, rng),
+            Task::Read => self.read(split, rng),
+            Task::Caption => self.caption(split, rng),
+            Task::Text => return self.text(split, rng),
+        };
+        sample.task = task;
+        sample
+    }
+
+    fn render(&self, scene: &Scene) -> RgbImage {
+        render(scene, &self.scene, &self.sprites, &self.digits)
+    }
+
+    fn pick_weighted(&self, rng: &mut ChaCha8Rng, exclude: &HashSet<usize>) -> usize {
+        let total: u64 = self
+            .vocab
+            .weights
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !exclude.contains(i))
+            .map(|(_, w)| w)
+            .sum();
+        let mut target = rng.random_range(0..total);
+        for (i, &w) in self.vocab.weights.iter().enumerate() {
+            if exclude.contains(&i) {
+                continue;
+            }
+            if target < w {
+                return i;
+            }
+            target -= w;
+        }
+        unreachable!("weighted pick ran past the total weight")
+    }
+
+    fn size(&self, rng: &mut ChaCha8Rng) -> u32 {
+        rng.random_range(self.scene.min_size..=self.scene.max_size)
+    }
+
+    /// A scene of `count` distinct objects (popularity-weighted) in distinct random cells, in `split`.
+    fn distinct_scene(
+        &self,
+        task: Task,
+        split: Split,
+        count: usize,
+        rng: &mut ChaCha8Rng,
+    ) -> Vec<Placed> {
+        loop {
+            let mut cells: Vec<usize> = (0..self.scene.cells()).collect();
+            cells.shuffle(rng);
+            let mut chosen = HashSet::new();
+            let objects: Vec<Placed> = cells[..count]
+                .iter()
+                .map(|&cell| {
+                    let object = self.pick_weighted(rng, &chosen);
+                    chosen.insert(object);
+                    let size = self.size(rng);
+                    Scene::place(&self.scene, rng, object, cell, size)
+                })
+                .collect();
+            if composition_split(&scene_key(task, &objects)) == split {
+                return objects;
+            }
+        }
+    }
+
+    fn object_count(&self, rng: &mut ChaCha8Rng) -> usize {
+        rng.random_range(self.scene.min_objects..=self.scene.max_objects)
+    }
+
+    fn finish(
+        &self,
+        objects: Vec<Placed>,
+        number: Option<NumberPlate>,
+        question: String,
+        answer: String,
+        rng: &mut ChaCha8Rng,
+    ) -> Sample {
+        let scene = Scene {
+            background_seed: rng.random(),
+            objects,
+            number,
+        };
+        Sample {
+            task: Task::Exist,
+            image: Some(self.render(&scene)),
+            scene: Some(scene),
+            question,
+            answer,
+        }
+    }
+
+    fn label(&self, object: usize) -> &str {
+        &self.vocab.objects[object].label
+    }
+
+    fn exist(&self, split: Split, negatives: Option<Negatives>, rng: &mut ChaCha8Rng) -> Sample {
+        let count = self.object_count(rng);
+        let objects = self.distinct_scene(Task::Exist, split, count, rng);
+        let present: HashSet<usize> = objects.iter().map(|p| p.object).collect();
+        let (target, answer) = if rng.random_bool(0.5) {
+            (objects.choose(rng).map(|p| p.object).unwrap_or(0), "yes")
+        } else {
+            let negatives = negatives
+                .unwrap_or_else(|| *Negatives::ALL.choose(rng).unwrap_or(&Negatives::Random));
+            (self.negative(negatives, &objects, &present, rng), "no")
+        };
+        let question = format!("is there a {}?", self.label(target));
+        self.finish(objects, None, question, answer.to_string(), rng)
+    }
+
+    fn negative(
+        &self,
+        negatives: Negatives,
+        objects: &[Placed],
+        present: &HashSet<usize>,
+        rng: &mut ChaCha8Rng,
+    ) -> usize {
+        let absent = |candidates: Vec<usize>| -> Vec<usize> {
+            candidates
+                .into_iter()
+                .filter(|c| !present.contains(c))
+                .collect()
+        };
+        let all: Vec<usize> = (0..self.vocab.len()).collect();
+        let pool = match negatives {
+            Negatives::Random => absent(all.clone()),
+            Negatives::Popular => absent(
+                self.vocab
+                    .by_popularity
+                    .iter()
+                    .copied()
+                    .take(POPULAR_POOL)
+                    .collect(),
+            ),
+            Negatives::Adversarial => {
+                let objs = &self.vocab.objects;
+                let same = |pred: &dyn Fn(usize, usize) -> bool| {
+                    absent(
+                        all.iter()
+                            .copied()
+                            .filter(|&c| objects.iter().any(|p| pred(c, p.object)))
+                            .collect(),
+                    )
+                };
+                let by_subcategory = same(&|c, o| objs[c].subcategory == objs[o].subcategory);
+                if by_subcategory.is_empty() {
+                    same(&|c, o| objs[c].kind == objs[o].kind)
+                } else {
+                    by_subcategory
+                }
+            }
+        };
+        let pool = if pool.is_empty() { absent(all) } else { pool };
+        *pool
+            .choose(rng)
+            .expect("the vocabulary has more objects than a scene")
+    }
+
+    fn count(&self, split: Split, rng: &mut ChaCha8Rng) -> Sample {
+        let by_kind = rng.random_bool(0.5);
+        let kinds = self.vocab.kinds();
+        loop {
+            let n = rng.random_range(0..=4usize);
+            let others = rng.random_range(
+                (1usize.saturating_sub(n))
+                    ..=(self.scene.max_objects - n.min(self.scene.max_objects)),
+            );
+            let (question, matches): (String, Box<dyn Fn(usize) -> bool>) = if by_kind {
+                let kind = *kinds.choose(rng).unwrap_or(&"animals");
+                (
+                    format!("how many {kind} are there?"),
+                    Box::new(move |o| self.vocab.objects[o].kind == kind),
+                )
+            } else {
+                let target = self.pick_weighted(rng, &HashSet::new());
+                (
+                    format!("how many times does the {} appear?", self.label(target)),
+                    Box::new(move |o| o == target),
+                )
+            };
+            let matching: Vec<usize> = (0..self.vocab.len()).filter(|&o| matches(o)).collect();
+            let other: HashSet<usize> = matching.iter().copied().collect();
+            let mut cells: Vec<usize> = (0..self.scene.cells()).collect();
+            cells.shuffle(rng);
+            let mut objects = Vec::with_capacity(n + others);
+            for &cell in &cells[..n] {
+                let object = *matching
+                    .choose(rng)
+                    .expect("a kind or label matches at least one object");
+                let size = self.size(rng);
+                objects.push(Scene::place(&self.scene, rng, object, cell, size));
+            }
+            for &cell in &cells[n..n + others] {
+                let object = self.pick_weighted(rng, &other);
+                let size = self.size(rng);
+                objects.push(Scene::place(&self.scene, rng, object, cell, size));
+            }
+            if composition_split(&scene_key(Task::Count, &objects)) == split {
+                return self.finish(objects, None, question, n.to_string(), rng);
+            }
+        }
+    }
+
+    fn locate(&self, split: Split, rng: &mut ChaCha8Rng) -> Sample {
+        let count = self.object_count(rng);
+        let objects = self.distinct_scene(Task::Locate, split, count, rng);
+        let target = *objects
+            .choose(rng)
+            .expect("a scene has at least one object");
+        let question = format!("where is the {}?", self.label(target.object));
+        self.finish(
+            objects,
+            None,
+            question,
+            cell_name(self.scene.grid, target.cell),
+            rng,
+        )
+    }
+
+    /// "what is left of / above the X?": exactly one object lies left of (above) X in its row (column).
+    fn relation(&self, split: Split, rng: &mut ChaCha8Rng) -> Sample {
+        let grid = self.scene.grid as usize;
+        loop {
+            let left = rng.random_bool(0.5);
+            // (row, column) coordinates with the relation along the second.
+            let (line, along) = (rng.random_range(0..grid), rng.random_range(1..grid));
+            let other_along = rng.random_range(0..along);
+            let cell = |line: usize, along: usize| {
+                if left {
+                    line * grid + along
+                } else {
+                    along * grid + line
+                }
+            };
+            let (target_cell, answer_cell) = (cell(line, along), cell(line, other_along));
+            let blocked: HashSet<usize> = (0..along).map(|a| cell(line, a)).collect();
+            let mut free: Vec<usize> = (0..self.scene.cells())
+                .filter(|c| *c != target_cell && !blocked.contains(c))
+                .collect();
+            free.shuffle(rng);
+            let extra = rng.random_range(0..=(self.scene.max_objects - 2).min(free.len()));
+            let mut chosen = HashSet::new();
+            let mut objects = Vec::new();
+            for cell in [target_cell, answer_cell]
+                .into_iter()
+                .chain(free[..extra].iter().copied())
+            {
+                let object = self.pick_weighted(rng, &chosen);
+                chosen.insert(object);
+                let size = self.size(rng);
+                objects.push(Scene::place(&self.scene, rng, object, cell, size));
+            }
+            if composition_split(&scene_key(Task::Relation, &objects)) == split {
+                let direction = if left { "left of" } else { "above" };
+                let question =
+                    format!("what is {direction} the {}?", self.label(objects[0].object));
+                let answer = self.label(objects[1].object).to_string();
+                return self.finish(objects, None, question, answer, rng);
+            }
+        }
+    }
+
+    fn read(&self, split: Split, rng: &mut ChaCha8Rng) -> Sample {
+        let grid = self.scene.grid as usize;
+        let number = loop {
+            let value: u32 = if rng.random_bool(0.5) {
+                rng.random_range(10..100)
+            } else {
+                rng.random_range(100..1000)
+            };
+            if composition_split(&[Task::Read as u64, value as u64]) == split {
+                break value;
+            }
+        };
+        let digits = number
+            .to_string()
+            .bytes()
+            .map(|b| {
+                let d = b - b'0';
+                let pool = &self.digits.by_digit[d as usize];
+                let index = loop {
+                    let i = rng.random_range(0..pool.len());
+                    if split_of_index(i) == split {
+                        break i;
+                    }
+                };
+                (d, index)
+            })
+            .collect();
+        let row = rng.random_range(0..grid);
+        let first = rng.random_range(0..grid - 1);
+        let plate_cells = vec![row * grid + first, row * grid + first + 1];
+        let plate = Scene::plate(&self.scene, rng, digits, plate_cells.clone());
+        let mut free: Vec<usize> = (0..self.scene.cells())
+            .filter(|c| !plate_cells.contains(c))
+            .collect();
+        free.shuffle(rng);
+        let extra = rng.random_range(0..=(self.scene.max_objects / 2).min(free.len()));
+        let mut chosen = HashSet::new();
+        let mut objects = Vec::new();
+        for &cell in &free[..extra] {
+            let object = self.pick_weighted(rng, &chosen);
+            chosen.insert(object);
+            let size = self.size(rng);
+            objects.push(Scene::place(&self.scene, rng, object, cell, size));
+        }
+        self.finish(
+            objects,
+            Some(plate),
+            "what number is written?".into(),
+            number.to_string(),
+            rng,
+        )
+    }
+
+    /// One emoji, drawn uniformly from the vocabulary (not by popularity: every label must be learnable).
+    fn caption(&self, split: Split, rng: &mut ChaCha8Rng) -> Sample {
+        let cfg = &self.scene;
+        let placed = loop {
+            let object = rng.random_range(0..self.vocab.len());
+            let size = rng.random_range(cfg.caption_min_size..=cfg.caption_max_size);
+            let (x, y) = (
+                rng.random_range(0..=cfg.canvas - size),
+                rng.random_range(0..=cfg.canvas - size),
+            );
+            let key = [
+                Task::Caption as u64,
+                object as u64,
+                size as u64,
+                (x / 8) as u64,
+                (y / 8) as u64,
+            ];
+            if composition_split(&key) == split {
+                break Placed {
+                    object,
+                    cell: usize::MAX,
+                    x,
+                    y,
+                    size,
+                };
+            }
+        };
+        let answer = self.label(placed.object).to_string();
+        self.finish(vec![placed], None, "what is this?".into(), answer, rng)
+    }
+
+    /// A passage of about `text_bytes` bytes from a speech of the split, starting at a word.
+    fn text(&self, split: Split, rng: &mut ChaCha8Rng) -> Sample {
+        let speeches: Vec<&str> = self
+            .speeches
+            .split(split)
+            .map(|s| s.text.as_str())
+            .collect();
+        let total: usize = speeches.iter().map(|s| s.len()).sum();
+        let mut offset = rng.random_range(0..total);
+        let text = speeches
+            .iter()
+            .find(|s| {
+                if offset < s.len() {
+                    true
+                } else {
+                    offset -= s.len();
+                    false
+                }
+            })
+            .expect("offset lies inside the split's text");
+        // Search the bytes: `offset` may fall inside a multi-byte character, a space byte never does.
+        let start = text.as_bytes()[..offset]
+            .iter()
+            .rposition(|&b| b == b' ')
+            .map_or(0, |i| i + 1);
+        let mut end = (start + self.text_bytes).min(text.len());
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        Sample {
+            task: Task::Text,
+            image: None,
+            scene: None,
+            question: String::new(),
+            answer: text[start..end].to_string(),
+        }
+    }
+
+    /// Every question and answer text the image tasks can produce (for the tokenizer's training corpus and
+    /// its round-trip test).
+    pub fn task_texts(&self) -> Vec<String> {
+        let mut texts = vec![
+            "yes".to_string(),
+            "no".to_string(),
+            "what number is written?".into(),
+            "what is this?".into(),
+        ];
+        for kind in self.vocab.kinds() {
+            texts.push(format!("how many {kind} are there?"));
+        }
+        for n in 0..=4 {
+            texts.push(n.to_string());
+        }
+        for cell in 0..self.scene.cells() {
+            texts.push(cell_name(self.scene.grid, cell));
+        }
+        for object in &self.vocab.objects {
+            let label = &object.label;
+            texts.push(label.clone());
+            texts.push(format!("is there a {label}?"));
+            texts.push(format!("how many times does the {label} appear?"));
+            texts.push(format!("where is the {label}?"));
+            texts.push(format!("what is left of the {label}?"));
+            texts.push(format!("what is above the {label}?"));
+        }
+        for number in 10..1000 {
+            texts.push(number.to_string());
+        }
+        texts
+    }
+}
