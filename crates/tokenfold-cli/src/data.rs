@@ -197,20 +197,8 @@ pub fn train_tokenizer(
 ) -> Result<TextTokenizer> {
     let assets = load_assets(paths, SceneConfig::default())?;
     let started = Instant::now();
+    let tokenizer = TextTokenizer::train_on_assets(&assets, vocab_size)?;
     let task_texts = assets.task_texts();
-    let corpus = assets
-        .speeches
-        .split(Split::Train)
-        .map(|s| s.text.as_str())
-        .chain(
-            std::iter::repeat_n(
-                task_texts.iter(),
-                tokenfold_data::tokenizer::TASK_TEXT_REPEAT,
-            )
-            .flatten()
-            .map(String::as_str),
-        );
-    let tokenizer = TextTokenizer::train(corpus, vocab_size)?;
     tokenizer.save(out)?;
     let held_out: Vec<&str> = assets
         .speeches

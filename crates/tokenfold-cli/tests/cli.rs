@@ -115,7 +115,19 @@ fn tokenizer_evalsets_and_demo_run_on_the_fixture() {
     );
 
     let results = dir.path().join("demo");
-    let out = tokenfold(dir.path(), &["demo", "--out", results.to_str().unwrap()]);
+    // Two training steps and two samples per test set: the demo's path end to end, not its accuracy.
+    let out = tokenfold(
+        dir.path(),
+        &[
+            "demo",
+            "--out",
+            results.to_str().unwrap(),
+            "--steps",
+            "2",
+            "-n",
+            "2",
+        ],
+    );
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("demo finished"));
     for task in [
@@ -129,4 +141,170 @@ fn tokenizer_evalsets_and_demo_run_on_the_fixture() {
     ] {
         assert!(results.join(format!("{task}.png")).is_file(), "{task}.png");
     }
+}
+
+const TINY_RUN: &str = r#"
+[model]
+d_model = 32
+n_layers = 2
+n_heads = 4
+d_ff = 48
+
+[sequence]
+image_size = 64
+patch_size = 8
+max_len = 120
+
+[tokenizer]
+vocab_size = 400
+
+[train]
+steps = 4
+batch_size = 4
+lr = 3e-3
+warmup_steps = 1
+checkpoint_every = 2
+eval_samples = 3
+"#;
+
+#[test]
+fn train_eval_and_ask_run_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    write_fixture(dir.path()).unwrap();
+    let config = dir.path().join("tiny.toml");
+    std::fs::write(&config, TINY_RUN).unwrap();
+    let run = dir.path().join("run");
+    let run_arg = run.to_str().unwrap();
+    let out = tokenfold(
+        dir.path(),
+        &[
+            "train",
+            "--config",
+            config.to_str().unwrap(),
+            "--out",
+            run_arg,
+            "--quiet",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("trained 4 steps") && stdout.contains("count/val"),
+        "{stdout}"
+    );
+    assert!(run.join("checkpoint/model.safetensors").is_file());
+    assert_eq!(
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("\"loss\""))
+            .count(),
+        4
+    );
+
+    let out = tokenfold(
+        dir.path(),
+        &[
+            "eval",
+            "--model",
+            run_arg,
+            "--tasks",
+            "count,text",
+            "-n",
+            "4",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("| count/test | 4 |") && stdout.contains("| text/test | 4 |"),
+        "{stdout}"
+    );
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("eval-test.json")).unwrap()).unwrap();
+    assert_eq!(results.as_array().unwrap().len(), 2);
+
+    let image = dir.path().join("scene.png");
+    image::RgbImage::from_pixel(80, 80, image::Rgb([200, 40, 40]))
+        .save(&image)
+        .unwrap();
+    let out = tokenfold(
+        dir.path(),
+        &[
+            "ask",
+            "--model",
+            run_arg,
+            "--image",
+            image.to_str().unwrap(),
+            "how many animals are there?",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).lines().count(), 1);
+
+    // Training into a finished run without --resume is refused with advice.
+    let out = tokenfold(
+        dir.path(),
+        &[
+            "train",
+            "--config",
+            config.to_str().unwrap(),
+            "--out",
+            run_arg,
+            "--quiet",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("--resume"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn model_commands_give_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    write_fixture(dir.path()).unwrap();
+    let missing = dir.path().join("no-run");
+    let out = tokenfold(dir.path(), &["eval", "--model", missing.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("has no trained model"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, TINY_RUN.replace("lr = 3e-3", "lr = -1")).unwrap();
+    let out = tokenfold(
+        dir.path(),
+        &[
+            "train",
+            "--config",
+            config.to_str().unwrap(),
+            "--out",
+            "unused",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("bad.toml") && stderr.contains("train.lr"),
+        "{stderr}"
+    );
+
+    let out = tokenfold(
+        dir.path(),
+        &[
+            "ask",
+            "--model",
+            missing.to_str().unwrap(),
+            "--image",
+            "nope.png",
+            "what is this?",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(!text(&out.stderr).contains("panicked"));
 }

@@ -105,6 +105,22 @@ impl TextTokenizer {
         Self::from_tokenizer(Tokenizer::from(builder))
     }
 
+    /// Trains on tokenfold's corpus: the training speeches plus every task text, each repeated
+    /// [`TASK_TEXT_REPEAT`] times (held-out speeches stay out, so bytes per token on them is honest).
+    pub fn train_on_assets(assets: &crate::Assets, vocab_size: usize) -> Result<TextTokenizer> {
+        let task_texts = assets.task_texts();
+        let corpus = assets
+            .speeches
+            .split(crate::Split::Train)
+            .map(|s| s.text.as_str())
+            .chain(
+                std::iter::repeat_n(task_texts.iter(), TASK_TEXT_REPEAT)
+                    .flatten()
+                    .map(String::as_str),
+            );
+        Self::train(corpus, vocab_size)
+    }
+
     pub fn load(path: &Path) -> Result<TextTokenizer> {
         if !path.exists() {
             return Err(DataError::MissingData {

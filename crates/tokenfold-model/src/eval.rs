@@ -1,0 +1,187 @@
+//! Evaluation on the fixed evaluation sets: exact-match accuracy of greedy answers (generated with the KV
+//! cache) for image tasks; negative log-likelihood per token and bits per byte for text.
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+use tokenfold_data::sequence::{Encoded, SequenceConfig, encode_prompt};
+use tokenfold_data::{Assets, Batch, EvalSpec, Sample, Task, TextTokenizer};
+
+use crate::Result;
+use crate::model::{Inputs, LayerHook, NativeModel, NoHook};
+
+/// Answers are short (a label is at most a handful of tokens); generation stops there at the latest.
+pub const MAX_ANSWER_TOKENS: usize = 16;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SetResult {
+    /// `exist-random/test`, `count/test`, …
+    pub set: String,
+    pub task: Task,
+    pub samples: usize,
+    /// Exactly matching answers (image tasks).
+    pub correct: usize,
+    pub accuracy: f64,
+    /// Text only.
+    pub nll_per_token: Option<f64>,
+    pub bits_per_byte: Option<f64>,
+}
+
+/// Pads encoded prompts into model inputs of the longest prompt's length.
+pub fn prompt_inputs(
+    prompts: &[Encoded],
+    pad: u32,
+    seq: &SequenceConfig,
+    device: &Device,
+) -> Result<Inputs> {
+    let b = prompts.len();
+    let t = prompts.iter().map(|p| p.tokens.len()).max().unwrap_or(1);
+    let (n, dim) = (seq.n_patches(), seq.patch_dim());
+    let mut tokens = vec![pad; b * t];
+    let mut patches = vec![0f32; b * n * dim];
+    for (s, p) in prompts.iter().enumerate() {
+        tokens[s * t..s * t + p.tokens.len()].copy_from_slice(&p.tokens);
+        if !p.patches.is_empty() {
+            patches[s * n * dim..(s + 1) * n * dim].copy_from_slice(&p.patches);
+        }
+    }
+    Ok(Inputs {
+        tokens: Tensor::from_vec(tokens, (b, t), device)?,
+        patches: Tensor::from_vec(patches, (b, n, dim), device)?,
+        image_starts: prompts.iter().map(|p| p.image_start).collect(),
+        lengths: prompts.iter().map(|p| p.tokens.len()).collect(),
+    })
+}
+
+/// Greedy answers to image-task samples, in batches.
+pub fn answer(
+    model: &NativeModel,
+    tokenizer: &TextTokenizer,
+    seq: &SequenceConfig,
+    samples: &[Sample],
+    batch_size: usize,
+    hook: &mut dyn LayerHook,
+) -> Result<Vec<String>> {
+    let mut answers = Vec::with_capacity(samples.len());
+    for chunk in samples.chunks(batch_size.max(1)) {
+        let prompts = chunk
+            .iter()
+            .map(|s| encode_prompt(s.image.as_ref(), &s.question, tokenizer, seq))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let inputs = prompt_inputs(&prompts, tokenizer.special.pad, seq, model.device())?;
+        for ids in model.generate(&inputs, hook, MAX_ANSWER_TOKENS, tokenizer.special.eos)? {
+            answers.push(tokenizer.decode(&ids)?.trim().to_string());
+        }
+    }
+    Ok(answers)
+}
+
+/// Evaluates `n` samples of each set.
+pub fn evaluate(
+    model: &NativeModel,
+    tokenizer: &TextTokenizer,
+    assets: &Assets,
+    seq: &SequenceConfig,
+    specs: &[EvalSpec],
+    n: usize,
+    batch_size: usize,
+) -> Result<Vec<SetResult>> {
+    let mut results = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let samples = spec.build(assets, n);
+        let result = if spec.task == Task::Text {
+            text_result(model, tokenizer, seq, &samples, batch_size)?
+        } else {
+            let answers = answer(model, tokenizer, seq, &samples, batch_size, &mut NoHook)?;
+            let correct = answers
+                .iter()
+                .zip(&samples)
+                .filter(|(a, s)| **a == s.answer)
+                .count();
+            SetResult {
+                set: String::new(),
+                task: spec.task,
+                samples: samples.len(),
+                correct,
+                accuracy: correct as f64 / samples.len().max(1) as f64,
+                nll_per_token: None,
+                bits_per_byte: None,
+            }
+        };
+        results.push(SetResult {
+            set: spec.to_string(),
+            ..result
+        });
+    }
+    Ok(results)
+}
+
+fn text_result(
+    model: &NativeModel,
+    tokenizer: &TextTokenizer,
+    seq: &SequenceConfig,
+    samples: &[Sample],
+    batch_size: usize,
+) -> Result<SetResult> {
+    let (mut nll, mut tokens, mut bytes) = (0f64, 0usize, 0usize);
+    for chunk in samples.chunks(batch_size.max(1)) {
+        let batch = Batch::from_samples(chunk, tokenizer, seq)?;
+        let (per_sample, counts) = model.sample_losses(&batch)?;
+        for (mean, count) in per_sample.to_vec1::<f32>()?.into_iter().zip(&counts) {
+            nll += mean as f64 * *count as f64;
+            tokens += count;
+        }
+        for s in 0..batch.batch_size {
+            // The text the targets cover: every token after <|bos|>, without <|eos|>.
+            let row =
+                &batch.tokens[s * batch.seq_len + 1..s * batch.seq_len + batch.lengths[s] - 1];
+            bytes += tokenizer.decode(row)?.len();
+        }
+    }
+    Ok(SetResult {
+        set: String::new(),
+        task: Task::Text,
+        samples: samples.len(),
+        correct: 0,
+        accuracy: 0.0,
+        nll_per_token: Some(nll / tokens.max(1) as f64),
+        bits_per_byte: Some(nll / std::f64::consts::LN_2 / bytes.max(1) as f64),
+    })
+}
+
+/// Mean accuracy over the image-task sets.
+pub fn mean_accuracy(results: &[SetResult]) -> f64 {
+    let image: Vec<f64> = results
+        .iter()
+        .filter(|r| r.task != Task::Text)
+        .map(|r| r.accuracy)
+        .collect();
+    image.iter().sum::<f64>() / image.len().max(1) as f64
+}
+
+/// A markdown table of results.
+pub fn markdown(results: &[SetResult]) -> String {
+    let mut out = String::from(
+        "| set | samples | accuracy | NLL/token | bits/byte |\n|---|---:|---:|---:|---:|\n",
+    );
+    for r in results {
+        let fmt = |v: Option<f64>| v.map_or("".to_string(), |v| format!("{v:.3}"));
+        let accuracy = if r.task == Task::Text {
+            String::new()
+        } else {
+            format!("{:.1}%", 100.0 * r.accuracy)
+        };
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} |\n",
+            r.set,
+            r.samples,
+            accuracy,
+            fmt(r.nll_per_token),
+            fmt(r.bits_per_byte)
+        ));
+    }
+    out.push_str(&format!(
+        "| **image-task mean** | | **{:.1}%** | | |\n",
+        100.0 * mean_accuracy(results)
+    ));
+    out
+}

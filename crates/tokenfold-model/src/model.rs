@@ -1,0 +1,771 @@
+//! The early-fusion native multimodal model: one decoder for image patches and text.
+//!
+//! - Image patches (p × p × 3 values) enter through one linear layer (`patch_embed`), plus a learned 2-D
+//!   position (`image_pos.row[r] + image_pos.col[c]`); text tokens through `embed_tokens`.
+//! - Every token also has a 1-D position id used by RoPE in attention: its index in the original sequence.
+//! - Attention is bidirectional among the tokens of one image and causal everywhere else. Pre-norm
+//!   RMSNorm, QK-norm (RMSNorm per head on queries and keys), SwiGLU MLP, tied embeddings by default.
+//!
+//! The forward pass runs over a [`SeqState`]: hidden states plus, per token, its original position, whether
+//! it is an image token and whether it is valid. The attention mask is built from that metadata, never from
+//! indices, so a [`LayerHook`] may drop, merge or re-weight tokens between layers (keeping each kept token's
+//! original position) and add a per-key bias (log token sizes after merging). Hooks can ask for the queries
+//! and keys of the layer just run, from which one query row q·Kᵀ is computed without the full attention
+//! matrix.
+
+use std::sync::Mutex;
+
+use candle_core::{D, DType, Device, IndexOp, Module, Result, Shape, Tensor, Var};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, Linear, VarBuilder, VarMap};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tokenfold_data::Batch;
+
+use crate::config::ModelConfig;
+use crate::ops::{
+    MASKED, apply_rope, attention, cross_entropy_rows, rms_norm, rope_tables, swiglu,
+};
+
+/// Token ids, patches and layout of a batch, on a device.
+#[derive(Debug, Clone)]
+pub struct Inputs {
+    /// (b, t) u32.
+    pub tokens: Tensor,
+    /// (b, n_patches, patch_dim) f32; zeros for samples without an image.
+    pub patches: Tensor,
+    pub image_starts: Vec<Option<usize>>,
+    pub lengths: Vec<usize>,
+}
+
+impl Inputs {
+    pub fn from_batch(batch: &Batch, device: &Device) -> Result<Inputs> {
+        Ok(Inputs {
+            tokens: Tensor::from_slice(&batch.tokens, (batch.batch_size, batch.seq_len), device)?,
+            patches: Tensor::from_slice(
+                &batch.patches,
+                (batch.batch_size, batch.n_patches, batch.patch_dim),
+                device,
+            )?,
+            image_starts: batch.image_starts.clone(),
+            lengths: batch.lengths.clone(),
+        })
+    }
+}
+
+/// The running sequence between layers.
+#[derive(Debug, Clone)]
+pub struct SeqState {
+    /// (b, t, d).
+    pub hidden: Tensor,
+    /// Original position of each token, row-major (b × t).
+    pub positions: Vec<u32>,
+    /// Whether each token is an image patch.
+    pub is_image: Vec<bool>,
+    /// Whether each token is real (false for padding and removed tokens).
+    pub valid: Vec<bool>,
+    /// Additive per-key attention bias (b, t), e.g. log token sizes after merging.
+    pub key_bias: Option<Tensor>,
+    /// Queries and keys (b, h, t, hd) of the layer just run, when the hook asked for them.
+    pub captured: Option<(Tensor, Tensor)>,
+}
+
+impl SeqState {
+    pub fn batch(&self) -> usize {
+        self.hidden.dim(0).unwrap_or(0)
+    }
+
+    pub fn len(&self) -> usize {
+        self.hidden.dim(1).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The additive attention bias (b, 1, t, t): 0 where query i may see key j — j is valid and either
+    /// not after i or both are image tokens — and [`MASKED`] elsewhere; plus the per-key bias.
+    pub fn attention_bias(&self) -> Result<Tensor> {
+        let (b, t) = (self.batch(), self.len());
+        let mut bias = vec![MASKED; b * t * t];
+        for s in 0..b {
+            let row = s * t;
+            for i in 0..t {
+                for j in 0..t {
+                    let visible = self.valid[row + j]
+                        && (self.positions[row + j] <= self.positions[row + i]
+                            || (self.is_image[row + i] && self.is_image[row + j]));
+                    if visible {
+                        bias[(row + i) * t + j] = 0.0;
+                    }
+                }
+            }
+        }
+        let mask = Tensor::from_vec(bias, (b, 1, t, t), self.hidden.device())?;
+        match &self.key_bias {
+            Some(key_bias) => mask.broadcast_add(&key_bias.reshape((b, 1, 1, t))?),
+            None => Ok(mask),
+        }
+    }
+}
+
+/// Called before each layer; may change the set of tokens.
+pub trait LayerHook {
+    /// Returns whether it changed the tokens (their number, metadata or key bias), so that the forward
+    /// pass rebuilds the attention mask.
+    fn before_layer(&mut self, _layer: usize, _state: &mut SeqState) -> Result<bool> {
+        Ok(false)
+    }
+    /// Whether the forward pass should store the queries and keys of `layer` in [`SeqState::captured`].
+    fn capture(&self, _layer: usize) -> bool {
+        false
+    }
+}
+
+/// The plain forward pass.
+pub struct NoHook;
+impl LayerHook for NoHook {}
+
+/// Keys and values of one layer for generation, with which cached keys are valid, per sample.
+#[derive(Debug, Clone)]
+pub struct LayerCache {
+    /// (b, h, T, hd).
+    pub k: Tensor,
+    pub v: Tensor,
+    /// (b × T).
+    pub valid: Vec<bool>,
+}
+
+/// The KV cache: one entry per layer (layers may hold different numbers of tokens after a reduction) and
+/// the position each sample writes next.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    pub layers: Vec<Option<LayerCache>>,
+    pub next_positions: Vec<u32>,
+}
+
+/// Creates each parameter in a [`VarMap`] from a seeded random stream, in construction order: candle's
+/// own CPU initialisation cannot be seeded, and resumable, comparable runs need a reproducible start.
+struct SeededInit {
+    varmap: VarMap,
+    rng: Mutex<ChaCha8Rng>,
+}
+
+impl SimpleBackend for SeededInit {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        init: Init,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let mut vars = self
+            .varmap
+            .data()
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned variable map".into()))?;
+        if let Some(var) = vars.get(name) {
+            if var.shape() != &shape {
+                candle_core::bail!(
+                    "parameter {name} exists with shape {:?}, asked for {shape:?}",
+                    var.shape()
+                );
+            }
+            return Ok(var.as_tensor().clone());
+        }
+        let n = shape.elem_count();
+        let mut rng = self
+            .rng
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned rng".into()))?;
+        let values: Vec<f32> = match init {
+            Init::Const(c) => vec![c as f32; n],
+            Init::Randn { mean, stdev } => (0..n)
+                .map(|_| {
+                    // Box–Muller: one standard normal from two uniforms in (0, 1].
+                    let (u1, u2): (f64, f64) = (1.0 - rng.random::<f64>(), rng.random::<f64>());
+                    (mean
+                        + stdev * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos())
+                        as f32
+                })
+                .collect(),
+            Init::Uniform { lo, up } => (0..n).map(|_| rng.random_range(lo..up) as f32).collect(),
+            other => candle_core::bail!("initialisation {other:?} of {name} is not supported"),
+        };
+        let var = Var::from_tensor(&Tensor::from_vec(values, shape, device)?.to_dtype(dtype)?)?;
+        let tensor = var.as_tensor().clone();
+        vars.insert(name.to_string(), var);
+        Ok(tensor)
+    }
+
+    fn get_unchecked(&self, name: &str, _dtype: DType, _device: &Device) -> Result<Tensor> {
+        candle_core::bail!("parameter {name} must be created with a shape")
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.varmap
+            .data()
+            .lock()
+            .map(|v| v.contains_key(name))
+            .unwrap_or(false)
+    }
+}
+
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+}
+
+struct Block {
+    attn_norm: Tensor,
+    attn: Attention,
+    mlp_norm: Tensor,
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+fn linear(
+    vb: &VarBuilder,
+    in_dim: usize,
+    out_dim: usize,
+    stdev: f64,
+    name: &str,
+) -> Result<Linear> {
+    let weight = vb.get_with_hints(
+        (out_dim, in_dim),
+        &format!("{name}.weight"),
+        Init::Randn { mean: 0.0, stdev },
+    )?;
+    Ok(Linear::new(weight, None))
+}
+
+fn ones(vb: &VarBuilder, dim: usize, name: &str) -> Result<Tensor> {
+    vb.get_with_hints(dim, name, Init::Const(1.0))
+}
+
+impl Block {
+    fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Block> {
+        let d = cfg.d_model;
+        let std = 0.02;
+        // Residual-branch outputs start smaller with depth (GPT-2's 1/√(2L)), keeping the residual stream stable.
+        let out_std = std / (2.0 * cfg.n_layers as f64).sqrt();
+        let attn_vb = vb.pp("attn");
+        Ok(Block {
+            attn_norm: ones(&vb, d, "attn_norm.weight")?,
+            attn: Attention {
+                q_proj: linear(&attn_vb, d, d, std, "q_proj")?,
+                k_proj: linear(&attn_vb, d, d, std, "k_proj")?,
+                v_proj: linear(&attn_vb, d, d, std, "v_proj")?,
+                o_proj: linear(&attn_vb, d, d, out_std, "o_proj")?,
+                q_norm: cfg
+                    .qk_norm
+                    .then(|| ones(&attn_vb, cfg.head_dim(), "q_norm.weight"))
+                    .transpose()?,
+                k_norm: cfg
+                    .qk_norm
+                    .then(|| ones(&attn_vb, cfg.head_dim(), "k_norm.weight"))
+                    .transpose()?,
+            },
+            mlp_norm: ones(&vb, d, "mlp_norm.weight")?,
+            gate_proj: linear(&vb.pp("mlp"), d, cfg.d_ff, std, "gate_proj")?,
+            up_proj: linear(&vb.pp("mlp"), d, cfg.d_ff, std, "up_proj")?,
+            down_proj: linear(&vb.pp("mlp"), cfg.d_ff, d, out_std, "down_proj")?,
+        })
+    }
+
+    /// One layer. `cache`, when given, receives this call's keys and values appended to what it holds;
+    /// `bias` must then cover the cached keys followed by the new ones.
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: (&Tensor, &Tensor),
+        bias: &Tensor,
+        cfg: &ModelConfig,
+        cache: Option<&mut Option<LayerCache>>,
+        new_valid: &[bool],
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t, d) = x.dims3()?;
+        let (h, hd) = (cfg.n_heads, cfg.head_dim());
+        let normed = rms_norm(x, &self.attn_norm, cfg.norm_eps)?;
+        let heads = |proj: &Linear| -> Result<Tensor> {
+            proj.forward(&normed)?
+                .reshape((b, t, h, hd))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (mut q, mut k, v) = (
+            heads(&self.attn.q_proj)?,
+            heads(&self.attn.k_proj)?,
+            heads(&self.attn.v_proj)?,
+        );
+        if let (Some(qn), Some(kn)) = (&self.attn.q_norm, &self.attn.k_norm) {
+            q = rms_norm(&q, qn, cfg.norm_eps)?;
+            k = rms_norm(&k, kn, cfg.norm_eps)?;
+        }
+        let q = apply_rope(&q, rope.0, rope.1)?;
+        let k = apply_rope(&k, rope.0, rope.1)?;
+        let (k_all, v_all) = match cache {
+            Some(slot) => {
+                let (k_all, v_all, valid) = match slot.take() {
+                    Some(prev) => {
+                        let t_prev = prev.k.dim(2)?;
+                        let mut valid = Vec::with_capacity(b * (t_prev + t));
+                        for s in 0..b {
+                            valid.extend_from_slice(&prev.valid[s * t_prev..(s + 1) * t_prev]);
+                            valid.extend_from_slice(&new_valid[s * t..(s + 1) * t]);
+                        }
+                        (
+                            Tensor::cat(&[&prev.k, &k], 2)?,
+                            Tensor::cat(&[&prev.v, &v], 2)?,
+                            valid,
+                        )
+                    }
+                    None => (k.clone(), v.clone(), new_valid.to_vec()),
+                };
+                *slot = Some(LayerCache {
+                    k: k_all.clone(),
+                    v: v_all.clone(),
+                    valid,
+                });
+                (k_all, v_all)
+            }
+            None => (k.clone(), v),
+        };
+        let attended = attention(&q, &k_all, &v_all, bias)?
+            .transpose(1, 2)?
+            .reshape((b, t, d))?;
+        let x = (x + self.attn.o_proj.forward(&attended)?)?;
+        let normed = rms_norm(&x, &self.mlp_norm, cfg.norm_eps)?;
+        let mlp = self.down_proj.forward(&swiglu(
+            &self.gate_proj.forward(&normed)?,
+            &self.up_proj.forward(&normed)?,
+        )?)?;
+        Ok(((x + mlp)?, q, k))
+    }
+}
+
+/// An early-fusion native multimodal model.
+pub struct NativeModel {
+    pub config: ModelConfig,
+    pub varmap: VarMap,
+    embed_tokens: Tensor,
+    patch_embed: Linear,
+    patch_bias: Tensor,
+    image_row: Tensor,
+    image_col: Tensor,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    lm_head: Option<Tensor>,
+    rope_cos: Tensor,
+    rope_sin: Tensor,
+    device: Device,
+}
+
+impl NativeModel {
+    /// A freshly initialised model; the same seed gives the same parameters.
+    pub fn new(config: ModelConfig, seed: u64, device: &Device) -> crate::Result<NativeModel> {
+        config.validate()?;
+        let varmap = VarMap::new();
+        let backend = SeededInit {
+            varmap: varmap.clone(),
+            rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed)),
+        };
+        let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, device.clone());
+        Ok(Self::build(config, varmap, vb, device)?)
+    }
+
+    fn build(
+        config: ModelConfig,
+        varmap: VarMap,
+        vb: VarBuilder,
+        device: &Device,
+    ) -> Result<NativeModel> {
+        let d = config.d_model;
+        let embed_tokens = vb.get_with_hints(
+            (config.vocab_size, d),
+            "embed_tokens.weight",
+            Init::Randn {
+                mean: 0.0,
+                stdev: 0.02,
+            },
+        )?;
+        let patch_embed = linear(
+            &vb,
+            config.patch_dim,
+            d,
+            1.0 / (config.patch_dim as f64).sqrt(),
+            "patch_embed",
+        )?;
+        let patch_bias = vb.get_with_hints(d, "patch_embed.bias", Init::Const(0.0))?;
+        let image_row = vb.get_with_hints(
+            (config.image_grid, d),
+            "image_pos.row",
+            Init::Randn {
+                mean: 0.0,
+                stdev: 0.02,
+            },
+        )?;
+        let image_col = vb.get_with_hints(
+            (config.image_grid, d),
+            "image_pos.col",
+            Init::Randn {
+                mean: 0.0,
+                stdev: 0.02,
+            },
+        )?;
+        let blocks = (0..config.n_layers)
+            .map(|i| Block::new(&config, vb.pp("layers").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = ones(&vb, d, "norm.weight")?;
+        let lm_head = if config.tie_embeddings {
+            None
+        } else {
+            Some(vb.get_with_hints(
+                (config.vocab_size, d),
+                "lm_head.weight",
+                Init::Randn {
+                    mean: 0.0,
+                    stdev: 0.02,
+                },
+            )?)
+        };
+        let (rope_cos, rope_sin) = rope_tables(
+            config.head_dim(),
+            config.max_positions,
+            config.rope_theta,
+            device,
+        )?;
+        Ok(NativeModel {
+            config,
+            varmap,
+            embed_tokens,
+            patch_embed,
+            patch_bias,
+            image_row,
+            image_col,
+            blocks,
+            norm,
+            lm_head,
+            rope_cos,
+            rope_sin,
+            device: device.clone(),
+        })
+    }
+
+    /// Loads weights from a safetensors file written by [`NativeModel::save`].
+    pub fn load(
+        config: ModelConfig,
+        weights: &std::path::Path,
+        device: &Device,
+    ) -> crate::Result<NativeModel> {
+        let mut model = Self::new(config, 0, device)?;
+        model
+            .varmap
+            .load(weights)
+            .map_err(|e| crate::ModelError::Checkpoint(format!("{}: {e}", weights.display())))?;
+        // VarMap::load replaces the values of existing variables in place, so the model's tensors see them.
+        model.check_loaded(weights)?;
+        Ok(model)
+    }
+
+    fn check_loaded(&mut self, weights: &std::path::Path) -> crate::Result<()> {
+        let data = self
+            .varmap
+            .data()
+            .lock()
+            .map_err(|_| crate::ModelError::Checkpoint("poisoned variable map".into()))?;
+        let expected = self.config.parameter_count();
+        let actual: usize = data.values().map(|v| v.elem_count()).sum();
+        if actual != expected {
+            return Err(crate::ModelError::Checkpoint(format!(
+                "{}: holds {actual} parameters where the config gives {expected}",
+                weights.display()
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn parameter_count(&self) -> usize {
+        self.varmap.all_vars().iter().map(|v| v.elem_count()).sum()
+    }
+
+    /// Embeds a batch: patch embeddings at each image span, token embeddings elsewhere.
+    pub fn embed(&self, inputs: &Inputs) -> Result<SeqState> {
+        let (b, t) = inputs.tokens.dims2()?;
+        let tokens = self
+            .embed_tokens
+            .embedding(&inputs.tokens.flatten_all()?)?
+            .reshape((b, t, self.config.d_model))?;
+        let grid = self.config.image_grid;
+        let n = grid * grid;
+        let mut rows = Vec::with_capacity(b);
+        let mut is_image = vec![false; b * t];
+        let needs_patches = inputs.image_starts.iter().any(Option::is_some);
+        let patches = if needs_patches {
+            // (grid², d): row r, column c gets row[r] + col[c], raster order.
+            let pos2d = self
+                .image_row
+                .unsqueeze(1)?
+                .broadcast_add(&self.image_col.unsqueeze(0)?)?
+                .reshape((n, self.config.d_model))?;
+            Some(
+                self.patch_embed
+                    .forward(&inputs.patches)?
+                    .broadcast_add(&self.patch_bias)?
+                    .broadcast_add(&pos2d)?,
+            )
+        } else {
+            None
+        };
+        for s in 0..b {
+            let row = tokens.i(s)?;
+            match (inputs.image_starts[s], &patches) {
+                (Some(start), Some(patches)) => {
+                    let mut parts = vec![row.narrow(0, 0, start)?, patches.i(s)?];
+                    if start + n < t {
+                        parts.push(row.narrow(0, start + n, t - start - n)?);
+                    }
+                    rows.push(Tensor::cat(&parts, 0)?);
+                    is_image[s * t + start..s * t + start + n].fill(true);
+                }
+                _ => rows.push(row),
+            }
+        }
+        let valid = (0..b * t).map(|i| i % t < inputs.lengths[i / t]).collect();
+        Ok(SeqState {
+            hidden: Tensor::stack(&rows, 0)?,
+            positions: (0..b * t).map(|i| (i % t) as u32).collect(),
+            is_image,
+            valid,
+            key_bias: None,
+            captured: None,
+        })
+    }
+
+    fn rope_for(&self, positions: &[u32], b: usize, t: usize) -> Result<(Tensor, Tensor)> {
+        let max = self.config.max_positions;
+        if let Some(&p) = positions.iter().find(|&&p| p as usize >= max) {
+            candle_core::bail!("position {p} exceeds model.max_positions {max}");
+        }
+        let ids = Tensor::from_slice(positions, b * t, &self.device)?;
+        let half = self.config.head_dim() / 2;
+        let cos = self
+            .rope_cos
+            .index_select(&ids, 0)?
+            .reshape((b, 1, t, half))?;
+        let sin = self
+            .rope_sin
+            .index_select(&ids, 0)?
+            .reshape((b, 1, t, half))?;
+        Ok((cos, sin))
+    }
+
+    /// Runs every layer over `state`, calling `hook` before each. With `cache`, each layer's keys and
+    /// values are stored for generation.
+    pub fn forward(
+        &self,
+        mut state: SeqState,
+        hook: &mut dyn LayerHook,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<SeqState> {
+        if let Some(cache) = cache.as_deref_mut() {
+            cache.layers = vec![None; self.blocks.len()];
+        }
+        let mut layout: Option<((Tensor, Tensor), Tensor)> = None;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let changed = hook.before_layer(i, &mut state)?;
+            if changed || layout.is_none() {
+                let (b, t) = (state.batch(), state.len());
+                layout = Some((
+                    self.rope_for(&state.positions, b, t)?,
+                    state.attention_bias()?,
+                ));
+            }
+            let (rope, bias) = layout.as_ref().expect("layout was just built");
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let (hidden, q, k) = block.forward(
+                &state.hidden,
+                (&rope.0, &rope.1),
+                bias,
+                &self.config,
+                slot,
+                &state.valid,
+            )?;
+            state.hidden = hidden;
+            state.captured = hook.capture(i).then_some((q, k));
+        }
+        if let Some(cache) = cache {
+            let t = state.len();
+            cache.next_positions = (0..state.batch())
+                .map(|s| {
+                    (0..t)
+                        .filter(|&j| state.valid[s * t + j])
+                        .map(|j| state.positions[s * t + j] + 1)
+                        .max()
+                        .unwrap_or(0)
+                })
+                .collect();
+        }
+        Ok(state)
+    }
+
+    /// Logits (n, vocab) of hidden rows (n, d).
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let normed = rms_norm(hidden, &self.norm, self.config.norm_eps)?;
+        normed.matmul(&self.lm_head.as_ref().unwrap_or(&self.embed_tokens).t()?)
+    }
+
+    /// Per-target negative log-likelihoods of a training batch: for each sample, the mean over its masked
+    /// tokens. Returns (per-sample mean NLL (b,), per-sample target-token counts).
+    pub fn sample_losses(&self, batch: &Batch) -> Result<(Tensor, Vec<usize>)> {
+        let inputs = Inputs::from_batch(batch, &self.device)?;
+        let state = self.forward(self.embed(&inputs)?, &mut NoHook, None)?;
+        let (b, t) = (batch.batch_size, batch.seq_len);
+        // Hidden row j − 1 predicts token j wherever token j is a target.
+        let mut rows = Vec::new();
+        let mut targets = Vec::new();
+        let mut counts = vec![0usize; b];
+        for (s, count) in counts.iter_mut().enumerate() {
+            for j in 1..t {
+                if batch.loss_mask[s * t + j] > 0.0 {
+                    rows.push((s * t + j - 1) as u32);
+                    targets.push(batch.tokens[s * t + j]);
+                    *count += 1;
+                }
+            }
+        }
+        let n = rows.len();
+        // Sample membership (b, n) scaled by 1/count: the per-sample mean NLL as one matmul.
+        let mut weights = vec![0f32; b * n];
+        for (r, &row) in rows.iter().enumerate() {
+            let s = row as usize / t;
+            weights[s * n + r] = 1.0 / counts[s] as f32;
+        }
+        if n == 0 {
+            candle_core::bail!("the batch has no target tokens");
+        }
+        let hidden = state.hidden.reshape((b * t, self.config.d_model))?;
+        let selected = hidden.index_select(&Tensor::from_vec(rows, n, &self.device)?, 0)?;
+        let nll = cross_entropy_rows(
+            &self.logits(&selected)?,
+            &Tensor::from_vec(targets, n, &self.device)?,
+        )?;
+        let membership = Tensor::from_vec(weights, (b, n), &self.device)?;
+        let per_sample = membership.matmul(&nll.unsqueeze(1)?)?.squeeze(1)?;
+        Ok((per_sample, counts))
+    }
+
+    /// The training loss: the mean over samples of each sample's mean NLL over its target tokens, so that
+    /// a long text passage and a one-token answer weigh the same.
+    pub fn loss(&self, batch: &Batch) -> Result<Tensor> {
+        self.sample_losses(batch)?.0.mean_all()
+    }
+
+    /// Prefills prompts, filling `cache`; returns the logits (b, vocab) at each sample's last real token.
+    pub fn prefill(
+        &self,
+        inputs: &Inputs,
+        hook: &mut dyn LayerHook,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let state = self.forward(self.embed(inputs)?, hook, Some(cache))?;
+        let (b, t) = (state.batch(), state.len());
+        let last: Vec<u32> = (0..b)
+            .map(|s| {
+                (0..t)
+                    .filter(|&j| state.valid[s * t + j])
+                    .max_by_key(|&j| state.positions[s * t + j])
+                    .map(|j| (s * t + j) as u32)
+                    .unwrap_or((s * t) as u32)
+            })
+            .collect();
+        let hidden = state.hidden.reshape((b * t, self.config.d_model))?;
+        self.logits(&hidden.index_select(&Tensor::from_vec(last, b, &self.device)?, 0)?)
+    }
+
+    /// One decoding step: feeds one token per sample at its next position; returns logits (b, vocab).
+    pub fn decode_step(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        let b = tokens.len();
+        let ids = Tensor::from_slice(tokens, b, &self.device)?;
+        let mut hidden = self
+            .embed_tokens
+            .embedding(&ids)?
+            .reshape((b, 1, self.config.d_model))?;
+        let positions = cache.next_positions.clone();
+        let rope = self.rope_for(&positions, b, 1)?;
+        let new_valid = vec![true; b];
+        for (i, block) in self.blocks.iter().enumerate() {
+            let layer = cache.layers[i]
+                .as_ref()
+                .ok_or_else(|| candle_core::Error::Msg("decode before prefill".into()))?;
+            let cached = layer.k.dim(2)?;
+            let mut bias = Vec::with_capacity(b * (cached + 1));
+            for s in 0..b {
+                bias.extend(
+                    layer.valid[s * cached..(s + 1) * cached]
+                        .iter()
+                        .map(|&v| if v { 0.0 } else { MASKED }),
+                );
+                bias.push(0.0);
+            }
+            let bias = Tensor::from_vec(bias, (b, 1, 1, cached + 1), &self.device)?;
+            hidden = block
+                .forward(
+                    &hidden,
+                    (&rope.0, &rope.1),
+                    &bias,
+                    &self.config,
+                    Some(&mut cache.layers[i]),
+                    &new_valid,
+                )?
+                .0;
+        }
+        for p in cache.next_positions.iter_mut() {
+            *p += 1;
+        }
+        self.logits(&hidden.reshape((b, self.config.d_model))?)
+    }
+
+    /// Greedy generation after prefilling `inputs`: up to `max_new` tokens per sample, stopping a sample at
+    /// `eos`. Returns the generated ids (without `eos`).
+    pub fn generate(
+        &self,
+        inputs: &Inputs,
+        hook: &mut dyn LayerHook,
+        max_new: usize,
+        eos: u32,
+    ) -> Result<Vec<Vec<u32>>> {
+        let mut cache = KvCache::default();
+        let mut logits = self.prefill(inputs, hook, &mut cache)?;
+        let b = inputs.lengths.len();
+        let mut out = vec![Vec::new(); b];
+        let mut done = vec![false; b];
+        for step in 0..max_new {
+            let next: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
+            for s in 0..b {
+                if !done[s] {
+                    if next[s] == eos {
+                        done[s] = true;
+                    } else {
+                        out[s].push(next[s]);
+                    }
+                }
+            }
+            if done.iter().all(|&d| d) || step + 1 == max_new {
+                break;
+            }
+            logits = self.decode_step(&next, &mut cache)?;
+        }
+        Ok(out)
+    }
+}
