@@ -395,13 +395,10 @@ impl NativeModel {
                 stdev: 0.02,
             },
         )?;
-        let patch_embed = linear(
-            &vb,
-            config.patch_dim,
-            d,
-            1.0 / (config.patch_dim as f64).sqrt(),
-            "patch_embed",
-        )?;
+        // Patch embeddings start at the scale of token embeddings (std 0.02 per weight): at the fan-in
+        // scale 1/√patch_dim, image tokens entered the residual stream ~50× larger than text tokens, the
+        // blocks' small updates barely moved them and the 2-D positions were drowned.
+        let patch_embed = linear(&vb, config.patch_dim, d, 0.02, "patch_embed")?;
         let patch_bias = vb.get_with_hints(d, "patch_embed.bias", Init::Const(0.0))?;
         let image_row = vb.get_with_hints(
             (config.image_grid, d),

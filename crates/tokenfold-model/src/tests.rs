@@ -666,3 +666,116 @@ fn presets_have_the_advertised_sizes() {
         assert!((low..high).contains(&n), "{name}: {n} parameters");
     }
 }
+
+// ---------------------------------------------------------------- hooks that change the token set
+
+/// Drops the image tokens at `drop` (indices within the image span) before `layer`, either by removing
+/// their rows or by marking them invalid.
+struct DropPatches {
+    layer: usize,
+    drop: Vec<usize>,
+    remove: bool,
+}
+
+impl crate::model::LayerHook for DropPatches {
+    fn before_layer(
+        &mut self,
+        layer: usize,
+        state: &mut crate::model::SeqState,
+    ) -> candle_core::Result<bool> {
+        if layer != self.layer {
+            return Ok(false);
+        }
+        let (b, t) = (state.batch(), state.len());
+        let dropped = |s: usize, j: usize| {
+            let image: Vec<usize> = (0..t).filter(|&k| state.is_image[s * t + k]).collect();
+            self.drop.iter().any(|&d| image.get(d) == Some(&j))
+        };
+        if !self.remove {
+            for s in 0..b {
+                for j in 0..t {
+                    if dropped(s, j) {
+                        state.valid[s * t + j] = false;
+                    }
+                }
+            }
+            return Ok(true);
+        }
+        let keep: Vec<Vec<usize>> = (0..b)
+            .map(|s| (0..t).filter(|&j| !dropped(s, j)).collect())
+            .collect();
+        let kept = keep[0].len();
+        let mut rows = Vec::with_capacity(b);
+        let (mut positions, mut is_image, mut valid) = (Vec::new(), Vec::new(), Vec::new());
+        for (s, keep) in keep.iter().enumerate() {
+            let index = Tensor::from_vec(
+                keep.iter().map(|&j| j as u32).collect::<Vec<_>>(),
+                kept,
+                state.hidden.device(),
+            )?;
+            rows.push(state.hidden.i(s)?.index_select(&index, 0)?);
+            for &j in keep {
+                positions.push(state.positions[s * t + j]);
+                is_image.push(state.is_image[s * t + j]);
+                valid.push(state.valid[s * t + j]);
+            }
+        }
+        state.hidden = Tensor::stack(&rows, 0)?;
+        (state.positions, state.is_image, state.valid) = (positions, is_image, valid);
+        Ok(true)
+    }
+}
+
+#[test]
+fn removing_tokens_equals_masking_them_through_prefill_and_cached_decoding() {
+    let model = NativeModel::new(tiny_config(), 6, &Device::Cpu).unwrap();
+    let seq = tiny_seq();
+    let mut items = samples(Task::Locate, 1);
+    items.extend(samples(Task::Count, 1));
+    let inputs = prompt_batch(&seq, &items);
+    let drop: Vec<usize> = (0..64).step_by(3).collect();
+    let mut results = Vec::new();
+    for remove in [true, false] {
+        let mut hook = DropPatches {
+            layer: 1,
+            drop: drop.clone(),
+            remove,
+        };
+        let mut cache = crate::model::KvCache::default();
+        let mut logits = vec![model.prefill(&inputs, &mut hook, &mut cache).unwrap()];
+        // Layer 0 cached every token, layer 1 on only the kept ones (when removed).
+        let cached: Vec<usize> = cache
+            .layers
+            .iter()
+            .map(|l| l.as_ref().unwrap().k.dim(2).unwrap())
+            .collect();
+        for _ in 0..3 {
+            let next: Vec<u32> = logits
+                .last()
+                .unwrap()
+                .argmax(D::Minus1)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            logits.push(model.decode_step(&next, &mut cache).unwrap());
+        }
+        results.push((logits, cached));
+    }
+    let (removed, masked) = (&results[0], &results[1]);
+    assert_eq!(removed.1[0], masked.1[0]);
+    assert_eq!(
+        removed.1[1],
+        masked.1[1] - drop.len(),
+        "layer 1 caches only the kept tokens"
+    );
+    for (step, (a, b)) in removed.0.iter().zip(&masked.0).enumerate() {
+        assert!(
+            max_abs_diff(a, b) < 1e-4,
+            "step {step}: removal and masking disagree"
+        );
+    }
+    // And the reduction matters: the logits differ from the unreduced model's.
+    let mut cache = crate::model::KvCache::default();
+    let full = model.prefill(&inputs, &mut NoHook, &mut cache).unwrap();
+    assert!(max_abs_diff(&full, &removed.0[0]) > 1e-4);
+}
