@@ -517,7 +517,6 @@ pub fn train(
         t.workers,
         4,
     )?;
-    let val_specs = EvalSpec::all(Split::Val);
 
     let bar = if options.progress {
         ProgressBar::new(t.steps)
@@ -591,17 +590,7 @@ pub fn train(
         ));
         if t.eval_every > 0 && step % t.eval_every == 0 && step < t.steps {
             let eval_started = Instant::now();
-            let results = evaluate(
-                &model,
-                &tokenizer,
-                &assets,
-                &config.sequence,
-                &val_specs,
-                t.eval_samples,
-                32,
-            )?;
-            let line = serde_json::json!({"step": step - 1, "eval": "val", "mean_accuracy": mean_accuracy(&results), "sets": results});
-            append_line(&dir.metrics(), &line)?;
+            let results = validate(&model, &tokenizer, &assets, config, &dir, step)?;
             bar.println(format!(
                 "step {step}: validation mean accuracy {:.1}%",
                 100.0 * mean_accuracy(&results)
@@ -627,20 +616,8 @@ pub fn train(
     let elapsed_s = state.elapsed_s + started.elapsed().as_secs_f64();
     let train_s = started.elapsed().as_secs_f64() - eval_s;
     let validation = if step == t.steps {
-        let results = evaluate(
-            &model,
-            &tokenizer,
-            &assets,
-            &config.sequence,
-            &val_specs,
-            t.eval_samples,
-            32,
-        )?;
+        let results = validate(&model, &tokenizer, &assets, config, &dir, step)?;
         write_json(&out.join("eval-val.json"), &results)?;
-        append_line(
-            &dir.metrics(),
-            &serde_json::json!({"step": step - 1, "eval": "val", "mean_accuracy": mean_accuracy(&results), "sets": results}),
-        )?;
         results
     } else {
         Vec::new()
@@ -654,6 +631,30 @@ pub fn train(
         final_loss: last_loss,
         validation,
     })
+}
+
+/// Evaluates on the validation sets and records the result in `metrics.jsonl` after `step` steps.
+fn validate(
+    model: &NativeModel,
+    tokenizer: &TextTokenizer,
+    assets: &Assets,
+    config: &RunConfig,
+    dir: &RunDir,
+    step: u64,
+) -> Result<Vec<SetResult>> {
+    let specs = EvalSpec::all(Split::Val);
+    let results = evaluate(
+        model,
+        tokenizer,
+        assets,
+        &config.sequence,
+        &specs,
+        config.train.eval_samples,
+        32,
+    )?;
+    let line = serde_json::json!({"step": step - 1, "eval": "val", "mean_accuracy": mean_accuracy(&results), "sets": results});
+    append_line(&dir.metrics(), &line)?;
+    Ok(results)
 }
 
 /// The CPU, or the first CUDA device when built with the `cuda` feature and one is present.
