@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 
 /// Tensor ops allocate a fresh buffer per result. By default glibc maps every buffer above 128 KiB
 /// afresh and unmaps it on free, and the page faults doubled training time (measured: 1,979 against
-/// 3,585 tokens/s on nmm-xs). Raising the thresholds keeps freed memory for reuse.
+/// 3,345 tokens/s on nmm-xs, 20 steps). Raising the thresholds keeps freed memory for reuse.
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator tuning parameters; it is called before any other thread exists.
