@@ -10,7 +10,7 @@ use clap::Args;
 use tokenfold_data::evalset::EVAL_SIZE;
 use tokenfold_data::store::load_assets;
 use tokenfold_data::{DataPaths, EvalSpec, Negatives, SceneConfig, Split, Task, TextTokenizer};
-use tokenfold_model::eval::{answer, evaluate, markdown, mean_accuracy};
+use tokenfold_model::eval::{answer_question, evaluate, markdown, mean_accuracy};
 use tokenfold_model::train::{
     RunConfig, RunDir, TrainOptions, default_device, prepare_tokenizer, train,
 };
@@ -155,17 +155,17 @@ pub fn run(args: DemoArgs, paths: &DataPaths) -> Result<()> {
             negatives: None,
         }
         .sample(&assets, 0);
-        let reply = answer(
+        let image = sample.image.as_ref().expect("image tasks have an image");
+        let reply = answer_question(
             &model,
             &tokenizer,
             &config.sequence,
-            std::slice::from_ref(&sample),
-            1,
-            &mut tokenfold_model::NoHook,
+            image,
+            &sample.question,
         )?;
         println!(
             "{task}: \"{}\" → model: \"{}\", expected: \"{}\"",
-            sample.question, reply[0], sample.answer
+            sample.question, reply, sample.answer
         );
     }
     println!(

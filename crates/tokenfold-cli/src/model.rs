@@ -9,7 +9,7 @@ use clap::Args;
 use tokenfold_data::evalset::EVAL_SIZE;
 use tokenfold_data::store::load_assets;
 use tokenfold_data::{DataPaths, EvalSpec, SceneConfig, Split, Task};
-use tokenfold_model::eval::{answer, evaluate, markdown, mean_accuracy};
+use tokenfold_model::eval::{answer_question, evaluate, markdown, mean_accuracy};
 use tokenfold_model::train::{
     RunConfig, RunDir, TrainOptions, default_device, prepare_tokenizer, train,
 };
@@ -185,31 +185,19 @@ fn load_image(path: &Path, size: u32) -> Result<image::RgbImage> {
 }
 
 pub fn run_ask(args: AskArgs) -> Result<()> {
+    let Some(path) = args.image.as_deref() else {
+        bail!("--image is required: the model answers questions about an image");
+    };
     let device = default_device()?;
     let (model, tokenizer, config) = RunDir::new(&args.model).load(&device)?;
-    let image = args
-        .image
-        .as_deref()
-        .map(|p| load_image(p, config.sequence.image_size))
-        .transpose()?;
-    let sample = tokenfold_data::Sample {
-        task: Task::Exist,
-        image,
-        scene: None,
-        question: args.question.trim().to_string(),
-        answer: String::new(),
-    };
-    if sample.image.is_none() {
-        bail!("--image is required: the model answers questions about an image");
-    }
-    let answers = answer(
+    let image = load_image(path, config.sequence.image_size)?;
+    let reply = answer_question(
         &model,
         &tokenizer,
         &config.sequence,
-        std::slice::from_ref(&sample),
-        1,
-        &mut tokenfold_model::NoHook,
+        &image,
+        args.question.trim(),
     )?;
-    println!("{}", answers[0]);
+    println!("{reply}");
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! cache) for image tasks; negative log-likelihood per token and bits per byte for text.
 
 use candle_core::{Device, Tensor};
+use image::RgbImage;
 use serde::{Deserialize, Serialize};
 use tokenfold_data::sequence::{Encoded, SequenceConfig, encode_prompt};
 use tokenfold_data::{Assets, Batch, EvalSpec, Sample, Task, TextTokenizer};
@@ -52,6 +53,22 @@ pub fn prompt_inputs(
     })
 }
 
+/// Greedy answers to encoded prompts, as one batch.
+fn answer_prompts(
+    model: &NativeModel,
+    tokenizer: &TextTokenizer,
+    seq: &SequenceConfig,
+    prompts: &[Encoded],
+    hook: &mut dyn LayerHook,
+) -> Result<Vec<String>> {
+    let inputs = prompt_inputs(prompts, tokenizer.special.pad, seq, model.device())?;
+    model
+        .generate(&inputs, hook, MAX_ANSWER_TOKENS, tokenizer.special.eos)?
+        .iter()
+        .map(|ids| Ok(tokenizer.decode(ids)?.trim().to_string()))
+        .collect()
+}
+
 /// Greedy answers to image-task samples, in batches.
 pub fn answer(
     model: &NativeModel,
@@ -67,12 +84,22 @@ pub fn answer(
             .iter()
             .map(|s| encode_prompt(s.image.as_ref(), &s.question, tokenizer, seq))
             .collect::<std::result::Result<Vec<_>, _>>()?;
-        let inputs = prompt_inputs(&prompts, tokenizer.special.pad, seq, model.device())?;
-        for ids in model.generate(&inputs, hook, MAX_ANSWER_TOKENS, tokenizer.special.eos)? {
-            answers.push(tokenizer.decode(&ids)?.trim().to_string());
-        }
+        answers.extend(answer_prompts(model, tokenizer, seq, &prompts, hook)?);
     }
     Ok(answers)
+}
+
+/// The greedy answer to one question about one image.
+pub fn answer_question(
+    model: &NativeModel,
+    tokenizer: &TextTokenizer,
+    seq: &SequenceConfig,
+    image: &RgbImage,
+    question: &str,
+) -> Result<String> {
+    let prompt = encode_prompt(Some(image), question, tokenizer, seq)?;
+    let mut answers = answer_prompts(model, tokenizer, seq, &[prompt], &mut NoHook)?;
+    Ok(answers.remove(0))
 }
 
 /// Evaluates `n` samples of each set.
