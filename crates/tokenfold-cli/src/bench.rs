@@ -110,6 +110,7 @@ fn bench_data(
             seed: 1,
             batch_size,
             mixture: mixture.clone(),
+            stages: Vec::new(),
             seq: seq.clone(),
         };
         let mut loader = Loader::spawn(assets.clone(), tokenizer.clone(), stream, 0, workers, 4)?;

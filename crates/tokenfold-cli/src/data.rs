@@ -49,6 +49,10 @@ pub enum DataCommand {
         seed: u64,
         #[arg(long, default_value = "grid.png")]
         out: PathBuf,
+        /// Also write each sample's image as it is (canvas size) into this folder, as <task>-<i>.png,
+        /// with its question and answer in <task>-<i>.txt: inputs for `tokenfold ask` and `fold show`.
+        #[arg(long, value_name = "DIR")]
+        images: Option<PathBuf>,
     },
     /// Train the byte-level BPE tokenizer and report bytes per token on held-out speeches.
     #[command(after_help = "Example:\n  tokenfold data tokenizer --vocab-size 2048")]
@@ -85,9 +89,22 @@ pub fn run(command: DataCommand, paths: &DataPaths) -> Result<()> {
             scale,
             seed,
             out,
+            images,
         } => {
             let assets = load_assets(paths, SceneConfig::default())?;
             let samples = samples(&assets, task, split, negatives, seed, count);
+            if let Some(dir) = images {
+                std::fs::create_dir_all(&dir)?;
+                for (i, sample) in samples.iter().enumerate() {
+                    if let Some(image) = &sample.image {
+                        let path = dir.join(format!("{task}-{i}.png"));
+                        tokenfold_data::preview::save_png(image, &path)?;
+                        let text = format!("{}\n{}\n", sample.question, sample.answer);
+                        tokenfold_data::write_atomic(&path.with_extension("txt"), text.as_bytes())?;
+                    }
+                }
+                println!("wrote {} images to {}", samples.len(), dir.display());
+            }
             let sheet = tokenfold_data::preview::contact_sheet(
                 &samples,
                 columns,

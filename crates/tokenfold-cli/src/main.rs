@@ -3,6 +3,7 @@
 mod bench;
 mod data;
 mod demo;
+mod fold;
 mod model;
 
 use std::path::PathBuf;
@@ -70,6 +71,11 @@ enum Command {
         after_help = "Example:\n  tokenfold ask --model runs/nmm-s --image scene.png \"how many animals are there?\""
     )]
     Ask(model::AskArgs),
+    /// Visual-token reduction: evaluate plans, compare methods at the standard budgets, show kept patches.
+    Fold {
+        #[command(subcommand)]
+        command: fold::FoldCommand,
+    },
     /// The main job for a new user: check the data, build the tokenizer and evaluation sets, show samples.
     #[command(
         after_help = "Example:\n  scripts/fetch-data.sh && tokenfold demo --out results/demo"
@@ -86,6 +92,7 @@ fn main() -> ExitCode {
         Command::Data { command } => data::run(command, &paths),
         Command::Bench { command } => bench::run(command, &paths),
         Command::Demo(args) => demo::run(args, &paths),
+        Command::Fold { command } => fold::run(command, &paths),
         Command::Train(args) => model::run_train(args, &paths),
         Command::Eval(args) => model::run_eval(args, &paths),
         Command::Ask(args) => model::run_ask(args),

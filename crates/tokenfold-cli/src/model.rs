@@ -65,7 +65,7 @@ pub struct AskArgs {
     pub question: String,
 }
 
-fn checked_assets(paths: &DataPaths, config: &RunConfig) -> Result<tokenfold_data::Assets> {
+pub fn checked_assets(paths: &DataPaths, config: &RunConfig) -> Result<tokenfold_data::Assets> {
     let scene = SceneConfig {
         canvas: config.sequence.image_size,
         ..SceneConfig::default()
@@ -131,7 +131,13 @@ pub fn parse_tasks(tasks: &str) -> Result<Vec<Task>> {
     }
     tasks
         .split(',')
-        .map(|t| Ok(t.trim().parse::<Task>()?))
+        .map(|t| {
+            let task = t.trim().parse::<Task>()?;
+            if !Task::ALL.contains(&task) {
+                bail!("--tasks: {task} is a training-only task with no evaluation set");
+            }
+            Ok(task)
+        })
         .collect()
 }
 
@@ -173,7 +179,7 @@ pub fn run_eval(args: EvalArgs, paths: &DataPaths) -> Result<()> {
     Ok(())
 }
 
-fn load_image(path: &Path, size: u32) -> Result<image::RgbImage> {
+pub fn load_image(path: &Path, size: u32) -> Result<image::RgbImage> {
     let image =
         image::open(path).with_context(|| format!("cannot read image {}", path.display()))?;
     let rgb = image.to_rgb8();

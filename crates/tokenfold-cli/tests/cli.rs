@@ -154,6 +154,7 @@ d_ff = 48
 image_size = 64
 patch_size = 8
 max_len = 120
+summary_token = true
 
 [tokenizer]
 vocab_size = 400
@@ -241,6 +242,115 @@ fn train_eval_and_ask_run_end_to_end() {
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout).lines().count(), 1);
+
+    // Token reduction: a fitted plan, its evaluation, the comparison table and the kept-patch drawing.
+    let plan = dir.path().join("fastv.json");
+    let plan_arg = plan.to_str().unwrap();
+    let out = tokenfold(
+        dir.path(),
+        &[
+            "fold", "plan", "--model", run_arg, "--method", "fastv", "--budget", "0.222", "--out",
+            plan_arg,
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&plan).unwrap()).unwrap();
+    assert_eq!(saved["stages"][0]["method"], "fastv");
+    let out = tokenfold(
+        dir.path(),
+        &[
+            "fold", "eval", "--model", run_arg, "--plan", plan_arg, "--tasks", "count", "-n", "3",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("| count/test | 3 |") && stdout.contains("FLOPs-equivalent tokens"),
+        "{stdout}"
+    );
+    let results = dir.path().join("compare");
+    let out = tokenfold(
+        dir.path(),
+        &[
+            "fold",
+            "compare",
+            "--model",
+            run_arg,
+            "--budgets",
+            "0.111",
+            "--methods",
+            &format!("pool,random,tome,{plan_arg}"),
+            "--tasks",
+            "count",
+            "-n",
+            "2",
+            "--latency-repeats",
+            "1",
+            "--out",
+            results.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let table = std::fs::read_to_string(results.join("compare.md")).unwrap();
+    for row in [
+        "| full |",
+        "| pool |",
+        "| random |",
+        "| tome |",
+        "| fastv |",
+    ] {
+        assert!(table.contains(row), "{row} missing from\n{table}");
+    }
+    let compared: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(results.join("compare.json")).unwrap()).unwrap();
+    assert_eq!(compared.as_array().unwrap().len(), 5);
+    let kept = dir.path().join("kept.png");
+    let out = tokenfold(
+        dir.path(),
+        &[
+            "fold",
+            "show",
+            "--model",
+            run_arg,
+            "--image",
+            image.to_str().unwrap(),
+            "--plan",
+            plan_arg,
+            "--out",
+            kept.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let drawn = image::open(&kept).unwrap();
+    assert!(
+        drawn.width() > 2 * drawn.height(),
+        "the image and one panel per stage"
+    );
+
+    // A plan that does not fit the model names the stage and the field.
+    let bad = dir.path().join("bad-plan.json");
+    std::fs::write(
+        &bad,
+        r#"{"stages":[{"layer":9,"method":"fastv","keep":0.5}]}"#,
+    )
+    .unwrap();
+    let out = tokenfold(
+        dir.path(),
+        &[
+            "fold",
+            "eval",
+            "--model",
+            run_arg,
+            "--plan",
+            bad.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("bad-plan.json") && stderr.contains("layer 9 is out of range"),
+        "{stderr}"
+    );
 
     // Training into a finished run without --resume is refused with advice.
     let out = tokenfold(

@@ -8,7 +8,7 @@
 //! - [`vocab`]: the object vocabulary the scenes draw from, selected by a documented rule.
 //! - [`scene`] and [`tasks`]: scene rendering and the seven tasks, with held-out compositions;
 //!   [`evalset`]: fixed, versioned evaluation sets.
-//! - [`tokenizer`]: byte-level BPE; [`sequence`]: one sequence format and fixed-shape batches;
+//! - [`tokenizer`]: byte-level BPE; [`sequence`]: one sequence format and batches padded to their longest sample;
 //!   [`loader`]: the seeded, resumable training stream produced by background workers.
 //! - [`preview`]: contact sheets of samples for people to look at.
 //!
@@ -34,7 +34,7 @@ mod tests;
 
 pub use error::{DataError, Result};
 pub use evalset::EvalSpec;
-pub use loader::{Loader, Mixture, StreamConfig};
+pub use loader::{Loader, Mixture, Stage, StreamConfig};
 pub use scene::SceneConfig;
 pub use sequence::{Batch, SequenceConfig};
 pub use store::DataPaths;

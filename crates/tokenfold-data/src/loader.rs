@@ -1,6 +1,7 @@
 //! The training stream: batches generated on the fly from a seed by background workers.
 //!
-//! Sample `i` of the stream depends only on (seed, i) — its task is drawn from the mixture and its content
+//! Sample `i` of the stream depends only on (seed, i) — its task is drawn from the mixture of its curriculum
+//! stage and its content
 //! generated with [`sample_rng`] — so the stream is the same whatever the number of workers, and a run
 //! resumes exactly from a batch position. Workers produce whole batches in turn (worker w makes batches
 //! w, w + W, …) into bounded channels; the consumer reads them round-robin, in order.
@@ -109,13 +110,56 @@ pub fn training_batch(
     Batch::from_samples(&samples, tokenizer, seq)
 }
 
+/// A curriculum stage: `mixture` applies to the batches before `until_batch` (and after the previous stage).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stage {
+    pub until_batch: u64,
+    pub mixture: Mixture,
+}
+
 /// What the loader generates.
 #[derive(Debug, Clone)]
 pub struct StreamConfig {
     pub seed: u64,
     pub batch_size: usize,
+    /// The mixture after the last curriculum stage (all along when there is none).
     pub mixture: Mixture,
+    /// Curriculum stages, by increasing `until_batch`.
+    pub stages: Vec<Stage>,
     pub seq: SequenceConfig,
+}
+
+impl StreamConfig {
+    /// The mixture batch `batch_index` is drawn from.
+    pub fn mixture_at(&self, batch_index: u64) -> &Mixture {
+        self.stages
+            .iter()
+            .find(|s| batch_index < s.until_batch)
+            .map_or(&self.mixture, |s| &s.mixture)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.mixture.validate()?;
+        self.seq.validate()?;
+        if self.batch_size == 0 {
+            return Err(DataError::config("batch_size", "must be at least 1"));
+        }
+        let mut previous = 0;
+        for (i, stage) in self.stages.iter().enumerate() {
+            stage.mixture.validate()?;
+            if stage.until_batch <= previous {
+                return Err(DataError::config(
+                    "curriculum",
+                    format!(
+                        "stage {i} ends at batch {} but must end after the previous stage (batch {previous})",
+                        stage.until_batch
+                    ),
+                ));
+            }
+            previous = stage.until_batch;
+        }
+        Ok(())
+    }
 }
 
 /// Background batch generation; see the module docs.
@@ -137,11 +181,7 @@ impl Loader {
         workers: usize,
         prefetch: usize,
     ) -> Result<Loader> {
-        stream.mixture.validate()?;
-        stream.seq.validate()?;
-        if stream.batch_size == 0 {
-            return Err(DataError::config("batch_size", "must be at least 1"));
-        }
+        stream.validate()?;
         let workers_n = workers.max(1);
         let stream = Arc::new(stream);
         let mut receivers = Vec::with_capacity(workers_n);
@@ -156,7 +196,7 @@ impl Loader {
                         &assets,
                         &tokenizer,
                         &stream.seq,
-                        &stream.mixture,
+                        stream.mixture_at(batch_index),
                         stream.seed,
                         stream.batch_size,
                         batch_index,

@@ -1,7 +1,7 @@
-//! One sequence format for every task, and fixed-shape batches for the model crate.
+//! One sequence format for every task, and batches (padded to their longest sample) for the model crate.
 //!
 //! An image sample becomes
-//! `<|bos|> <|image_start|> <|patch|>×n <|image_end|> question-tokens answer-tokens <|eos|>`,
+//! `<|bos|> <|image_start|> <|patch|>×n <|image_end|> [<|summary|>] question-tokens answer-tokens <|eos|>`,
 //! a text sample `<|bos|> text-tokens <|eos|>`. The answer is encoded with a leading space
 //! (`" yes"`). At each `<|patch|>` position the model embeds the image patch instead of a token; patches
 //! are p×p×3 values in [-1, 1], ordered (row, column, channel) inside a patch and in raster order across
@@ -26,6 +26,10 @@ pub struct SequenceConfig {
     pub patch_size: u32,
     /// Length of every sequence in a batch, tokens; text passages are cut to fit.
     pub max_len: usize,
+    /// Whether a `<|summary|>` token follows `<|image_end|>`: a learned [CLS] stand-in whose attention
+    /// row ranks patches for methods defined by [CLS] attention (VisionZip, PruMerge).
+    #[serde(default)]
+    pub summary_token: bool,
 }
 
 impl Default for SequenceConfig {
@@ -34,6 +38,7 @@ impl Default for SequenceConfig {
             image_size: 64,
             patch_size: 4,
             max_len: 320,
+            summary_token: false,
         }
     }
 }
@@ -134,6 +139,9 @@ pub fn encode_prompt(
         image_start = Some(tokens.len());
         tokens.extend(std::iter::repeat_n(special.patch, cfg.n_patches()));
         tokens.push(special.image_end);
+        if cfg.summary_token {
+            tokens.push(special.summary);
+        }
     }
     tokens.extend(tokenizer.encode(question)?);
     if tokens.len() >= cfg.max_len {
@@ -193,7 +201,8 @@ pub fn encode(sample: &Sample, tokenizer: &TextTokenizer, cfg: &SequenceConfig) 
     Ok(encoded)
 }
 
-/// A batch of fixed shape (batch_size × max_len), row-major.
+/// A batch (batch_size × seq_len), row-major, padded to its longest sample: padding to `max_len` would
+/// spend attention and MLP compute on pad tokens (half of a batch of short VQA samples).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Batch {
     pub batch_size: usize,
@@ -224,7 +233,13 @@ impl Batch {
         pad: u32,
         cfg: &SequenceConfig,
     ) -> Batch {
-        let (b, t) = (items.len(), cfg.max_len);
+        let b = items.len();
+        let t = items
+            .iter()
+            .map(|e| e.tokens.len())
+            .max()
+            .unwrap_or(1)
+            .max(1);
         let (n_patches, patch_dim) = (cfg.n_patches(), cfg.patch_dim());
         let mut batch = Batch {
             batch_size: b,

@@ -9,6 +9,11 @@
 //! | `read` | TextVQA (fine detail) | "what number is written?" → 2–3 handwritten digits |
 //! | `caption` | captioning | one emoji, "what is this?" → its CLDR label |
 //! | `text` | language modelling | a passage of a State of the Union address, no image |
+//! | `describe` | dense captioning (training only) | "what is in the picture?" → "top left cat face, center tiger" |
+//!
+//! `describe` is not a benchmark task: it names every object of a scene with its cell, in reading order, so
+//! one training sample supervises recognition and location of all its objects at once instead of one
+//! object's yes/no. It is the curriculum's pretraining task (see `docs/model.md`).
 //!
 //! Held-out compositions: every scene has a composition key (its objects and their cells; the number for
 //! `read`; object, size and rough position for `caption`), hashed into 16 buckets. Bucket 0 is the test
@@ -42,9 +47,12 @@ pub enum Task {
     Read,
     Caption,
     Text,
+    // Declared last: `Task as u64` enters the composition keys of the splits.
+    Describe,
 }
 
 impl Task {
+    /// The benchmark tasks and text: what the evaluation sets cover.
     pub const ALL: [Task; 7] = [
         Task::Exist,
         Task::Count,
@@ -64,7 +72,13 @@ impl Task {
             Task::Read => "read",
             Task::Caption => "caption",
             Task::Text => "text",
+            Task::Describe => "describe",
         }
+    }
+
+    /// Every task, the training-only ones included.
+    pub fn every() -> impl Iterator<Item = Task> {
+        Task::ALL.into_iter().chain([Task::Describe])
     }
 
     pub fn has_image(self) -> bool {
@@ -81,16 +95,13 @@ impl fmt::Display for Task {
 impl FromStr for Task {
     type Err = DataError;
     fn from_str(s: &str) -> Result<Task> {
-        Task::ALL
-            .into_iter()
-            .find(|t| t.name() == s)
-            .ok_or_else(|| {
-                let names: Vec<_> = Task::ALL.iter().map(|t| t.name()).collect();
-                DataError::config(
-                    "task",
-                    format!("unknown task '{s}' (expected one of {})", names.join(", ")),
-                )
-            })
+        Task::every().find(|t| t.name() == s).ok_or_else(|| {
+            let names: Vec<_> = Task::every().map(|t| t.name()).collect();
+            DataError::config(
+                "task",
+                format!("unknown task '{s}' (expected one of {})", names.join(", ")),
+            )
+        })
     }
 }
 
@@ -176,6 +187,9 @@ impl FromStr for Negatives {
     }
 }
 
+/// The question of the `describe` task.
+pub const DESCRIBE_QUESTION: &str = "what is in the picture?";
+
 /// How many of the most popular objects count as "popular" negatives.
 pub const POPULAR_POOL: usize = 20;
 
@@ -256,6 +270,7 @@ impl Assets {
             Task::Relation => self.relation(split, rng),
             Task::Read => self.read(split, rng),
             Task::Caption => self.caption(split, rng),
+            Task::Describe => self.describe(split, rng),
             Task::Text => return self.text(split, rng),
         };
         sample.task = task;
@@ -471,6 +486,26 @@ impl Assets {
             cell_name(self.scene.grid, target.cell),
             rng,
         )
+    }
+
+    /// "what is in the picture?": every object with its cell, in reading (row-major) order.
+    fn describe(&self, split: Split, rng: &mut ChaCha8Rng) -> Sample {
+        let count = self.object_count(rng);
+        let objects = self.distinct_scene(Task::Describe, split, count, rng);
+        let mut order: Vec<&Placed> = objects.iter().collect();
+        order.sort_by_key(|p| p.cell);
+        let answer = order
+            .iter()
+            .map(|p| {
+                format!(
+                    "{} {}",
+                    cell_name(self.scene.grid, p.cell),
+                    self.label(p.object)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        self.finish(objects, None, DESCRIBE_QUESTION.into(), answer, rng)
     }
 
     /// "what is left of / above the X?": exactly one object lies left of (above) X in its row (column).

@@ -519,6 +519,31 @@ fn caption_answers_the_label_of_the_one_object() {
 }
 
 #[test]
+fn describe_names_every_object_with_its_cell_in_reading_order() {
+    let assets = &fixture().assets;
+    for sample in samples(Task::Describe, Split::Train, None, 100) {
+        let scene = sample.scene.as_ref().unwrap();
+        assert_eq!(sample.question, crate::tasks::DESCRIBE_QUESTION);
+        let mut objects = scene.objects.clone();
+        objects.sort_by_key(|p| p.cell);
+        let expected: Vec<String> = objects
+            .iter()
+            .map(|p| {
+                format!(
+                    "{} {}",
+                    crate::scene::cell_name(3, p.cell),
+                    label(assets, p.object)
+                )
+            })
+            .collect();
+        assert_eq!(sample.answer, expected.join(", "));
+        assert!((1..=6).contains(&objects.len()));
+    }
+    assert_eq!("describe".parse::<Task>().unwrap(), Task::Describe);
+    assert!(!Task::ALL.contains(&Task::Describe), "not a benchmark task");
+}
+
+#[test]
 fn text_passages_start_at_a_word_of_a_speech_of_the_split_even_near_multibyte_characters() {
     let speeches = &fixture().assets.speeches;
     let test_text = &speeches.split(Split::Test).next().unwrap().text;
@@ -736,6 +761,7 @@ fn patches_are_raster_ordered_and_scaled_to_unit_range() {
         image_size: 8,
         patch_size: 4,
         max_len: 64,
+        summary_token: false,
     };
     let image = image::RgbImage::from_fn(8, 8, |x, y| {
         image::Rgb([(x * 10) as u8, (y * 10) as u8, 255])
@@ -759,24 +785,27 @@ fn patches_are_raster_ordered_and_scaled_to_unit_range() {
 }
 
 #[test]
-fn batches_have_fixed_shape_padding_and_zero_patches_for_text() {
+fn batches_are_padded_to_their_longest_sample_with_zero_patches_for_text() {
     let f = fixture();
     let cfg = SequenceConfig::default();
     let mut items = samples(Task::Caption, Split::Train, None, 2);
     items.extend(samples(Task::Text, Split::Train, None, 1));
     let batch = Batch::from_samples(&items, &f.tokenizer, &cfg).unwrap();
-    assert_eq!(batch.tokens.len(), 3 * cfg.max_len);
-    assert_eq!(batch.loss_mask.len(), 3 * cfg.max_len);
+    let longest = *batch.lengths.iter().max().unwrap();
+    assert_eq!(batch.seq_len, longest);
+    assert!(longest <= cfg.max_len);
+    assert_eq!(batch.tokens.len(), 3 * longest);
+    assert_eq!(batch.loss_mask.len(), 3 * longest);
     assert_eq!(batch.patches.len(), 3 * 256 * 48);
     assert_eq!(batch.image_starts, [Some(2), Some(2), None]);
     for i in 0..3 {
-        let row = &batch.tokens[i * cfg.max_len..(i + 1) * cfg.max_len];
+        let row = &batch.tokens[i * longest..(i + 1) * longest];
         assert!(
             row[batch.lengths[i]..]
                 .iter()
                 .all(|&t| t == f.tokenizer.special.pad)
         );
-        let mask = &batch.loss_mask[i * cfg.max_len..(i + 1) * cfg.max_len];
+        let mask = &batch.loss_mask[i * longest..(i + 1) * longest];
         assert!(mask[batch.lengths[i]..].iter().all(|&m| m == 0.0));
     }
     assert!(batch.patches[2 * 256 * 48..].iter().all(|&v| v == 0.0));
@@ -814,6 +843,10 @@ fn loader_stream_is_the_same_for_any_worker_count_and_resumes_exactly() {
         seed: 5,
         batch_size: 3,
         mixture: Mixture::uniform(),
+        stages: vec![crate::loader::Stage {
+            until_batch: 2,
+            mixture: "caption=1".parse().unwrap(),
+        }],
         seq: SequenceConfig::default(),
     };
     let direct: Vec<Batch> = (0..5)
@@ -822,7 +855,7 @@ fn loader_stream_is_the_same_for_any_worker_count_and_resumes_exactly() {
                 &f.assets,
                 &f.tokenizer,
                 &stream.seq,
-                &stream.mixture,
+                stream.mixture_at(i),
                 5,
                 3,
                 i,
@@ -849,6 +882,11 @@ fn loader_stream_is_the_same_for_any_worker_count_and_resumes_exactly() {
             );
         }
     }
+    // The curriculum stage holds for batches 0 and 1 only.
+    let tasks =
+        |batches: &[Batch]| -> Vec<Task> { batches.iter().flat_map(|b| b.tasks.clone()).collect() };
+    assert!(tasks(&direct[..2]).iter().all(|&t| t == Task::Caption));
+    assert!(tasks(&direct[2..]).iter().any(|&t| t != Task::Caption));
     let mut resumed =
         Loader::spawn(f.assets.clone(), f.tokenizer.clone(), stream, 3, 2, 2).unwrap();
     assert_eq!(resumed.next_batch().unwrap(), direct[3]);

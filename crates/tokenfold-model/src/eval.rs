@@ -112,13 +112,37 @@ pub fn evaluate(
     n: usize,
     batch_size: usize,
 ) -> Result<Vec<SetResult>> {
+    evaluate_with(
+        model,
+        tokenizer,
+        assets,
+        seq,
+        specs,
+        n,
+        batch_size,
+        &mut NoHook,
+    )
+}
+
+/// [`evaluate`] with a hook in every image-task forward pass (a token-reduction plan, say).
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_with(
+    model: &NativeModel,
+    tokenizer: &TextTokenizer,
+    assets: &Assets,
+    seq: &SequenceConfig,
+    specs: &[EvalSpec],
+    n: usize,
+    batch_size: usize,
+    hook: &mut dyn LayerHook,
+) -> Result<Vec<SetResult>> {
     let mut results = Vec::with_capacity(specs.len());
     for spec in specs {
         let samples = spec.build(assets, n);
         let result = if spec.task == Task::Text {
             text_result(model, tokenizer, seq, &samples, batch_size)?
         } else {
-            let answers = answer(model, tokenizer, seq, &samples, batch_size, &mut NoHook)?;
+            let answers = answer(model, tokenizer, seq, &samples, batch_size, hook)?;
             let correct = answers
                 .iter()
                 .zip(&samples)

@@ -134,6 +134,8 @@ pub struct LayerCache {
     pub v: Tensor,
     /// (b × T).
     pub valid: Vec<bool>,
+    /// Additive per-key attention bias (b × T): log token sizes after merging, 0 otherwise.
+    pub key_bias: Vec<f32>,
 }
 
 /// The KV cache: one entry per layer (layers may hold different numbers of tokens after a reduction) and
@@ -279,18 +281,14 @@ impl Block {
         })
     }
 
-    /// One layer. `cache`, when given, receives this call's keys and values appended to what it holds;
-    /// `bias` must then cover the cached keys followed by the new ones.
-    fn forward(
+    /// Queries and keys (b, h, t, hd) of this layer for input `x`: normed, projected, QK-normed, rotated.
+    fn queries_keys(
         &self,
         x: &Tensor,
         rope: (&Tensor, &Tensor),
-        bias: &Tensor,
         cfg: &ModelConfig,
-        cache: Option<&mut Option<LayerCache>>,
-        new_valid: &[bool],
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let (b, t, d) = x.dims3()?;
+        let (b, t, _) = x.dims3()?;
         let (h, hd) = (cfg.n_heads, cfg.head_dim());
         let normed = rms_norm(x, &self.attn_norm, cfg.norm_eps)?;
         let heads = |proj: &Linear| -> Result<Tensor> {
@@ -308,30 +306,55 @@ impl Block {
             q = rms_norm(&q, qn, cfg.norm_eps)?;
             k = rms_norm(&k, kn, cfg.norm_eps)?;
         }
-        let q = apply_rope(&q, rope.0, rope.1)?;
-        let k = apply_rope(&k, rope.0, rope.1)?;
+        Ok((
+            apply_rope(&q, rope.0, rope.1)?,
+            apply_rope(&k, rope.0, rope.1)?,
+            v,
+        ))
+    }
+
+    /// One layer. `cache`, when given, receives this call's keys and values (and their validity and key
+    /// bias) appended to what it holds; `bias` must then cover the cached keys followed by the new ones.
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: (&Tensor, &Tensor),
+        bias: &Tensor,
+        cfg: &ModelConfig,
+        cache: Option<&mut Option<LayerCache>>,
+        new_keys: (&[bool], &[f32]),
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t, d) = x.dims3()?;
+        let (q, k, v) = self.queries_keys(x, rope, cfg)?;
+        let (new_valid, new_bias) = new_keys;
         let (k_all, v_all) = match cache {
             Some(slot) => {
-                let (k_all, v_all, valid) = match slot.take() {
+                let (k_all, v_all, valid, key_bias) = match slot.take() {
                     Some(prev) => {
                         let t_prev = prev.k.dim(2)?;
                         let mut valid = Vec::with_capacity(b * (t_prev + t));
+                        let mut key_bias = Vec::with_capacity(b * (t_prev + t));
                         for s in 0..b {
                             valid.extend_from_slice(&prev.valid[s * t_prev..(s + 1) * t_prev]);
                             valid.extend_from_slice(&new_valid[s * t..(s + 1) * t]);
+                            key_bias
+                                .extend_from_slice(&prev.key_bias[s * t_prev..(s + 1) * t_prev]);
+                            key_bias.extend_from_slice(&new_bias[s * t..(s + 1) * t]);
                         }
                         (
                             Tensor::cat(&[&prev.k, &k], 2)?,
                             Tensor::cat(&[&prev.v, &v], 2)?,
                             valid,
+                            key_bias,
                         )
                     }
-                    None => (k.clone(), v.clone(), new_valid.to_vec()),
+                    None => (k.clone(), v.clone(), new_valid.to_vec(), new_bias.to_vec()),
                 };
                 *slot = Some(LayerCache {
                     k: k_all.clone(),
                     v: v_all.clone(),
                     valid,
+                    key_bias,
                 });
                 (k_all, v_all)
             }
@@ -590,13 +613,17 @@ impl NativeModel {
             }
             let (rope, bias) = layout.as_ref().expect("layout was just built");
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let key_bias = match (&slot, &state.key_bias) {
+                (Some(_), Some(bias)) => bias.flatten_all()?.to_vec1::<f32>()?,
+                _ => vec![0.0; state.valid.len()],
+            };
             let (hidden, q, k) = block.forward(
                 &state.hidden,
                 (&rope.0, &rope.1),
                 bias,
                 &self.config,
                 slot,
-                &state.valid,
+                (&state.valid, &key_bias),
             )?;
             state.hidden = hidden;
             state.captured = hook.capture(i).then_some((q, k));
@@ -614,6 +641,27 @@ impl NativeModel {
                 .collect();
         }
         Ok(state)
+    }
+
+    pub fn n_layers(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Queries and keys (b, h, t, hd) that layer `layer` computes from `state` (before attention): what
+    /// reduction signals at the input of a layer rank tokens by, without running the layer.
+    pub fn layer_queries_keys(&self, layer: usize, state: &SeqState) -> Result<(Tensor, Tensor)> {
+        let block = self
+            .blocks
+            .get(layer)
+            .ok_or_else(|| candle_core::Error::Msg(format!("layer {layer} out of range")))?;
+        let rope = self.rope_for(&state.positions, state.batch(), state.len())?;
+        let (q, k, _) = block.queries_keys(&state.hidden, (&rope.0, &rope.1), &self.config)?;
+        Ok((q, k))
+    }
+
+    /// The final RMSNorm (before the output head) applied to hidden rows.
+    pub fn final_norm(&self, hidden: &Tensor) -> Result<Tensor> {
+        rms_norm(hidden, &self.norm, self.config.norm_eps)
     }
 
     /// Logits (n, vocab) of hidden rows (n, d).
@@ -701,6 +749,7 @@ impl NativeModel {
         let positions = cache.next_positions.clone();
         let rope = self.rope_for(&positions, b, 1)?;
         let new_valid = vec![true; b];
+        let new_bias = vec![0f32; b];
         for (i, block) in self.blocks.iter().enumerate() {
             let layer = cache.layers[i]
                 .as_ref()
@@ -708,10 +757,12 @@ impl NativeModel {
             let cached = layer.k.dim(2)?;
             let mut bias = Vec::with_capacity(b * (cached + 1));
             for s in 0..b {
+                let keys = s * cached..(s + 1) * cached;
                 bias.extend(
-                    layer.valid[s * cached..(s + 1) * cached]
+                    layer.valid[keys.clone()]
                         .iter()
-                        .map(|&v| if v { 0.0 } else { MASKED }),
+                        .zip(&layer.key_bias[keys])
+                        .map(|(&v, &kb)| if v { kb } else { MASKED }),
                 );
                 bias.push(0.0);
             }
@@ -723,7 +774,7 @@ impl NativeModel {
                     &bias,
                     &self.config,
                     Some(&mut cache.layers[i]),
-                    &new_valid,
+                    (&new_valid, &new_bias),
                 )?
                 .0;
         }

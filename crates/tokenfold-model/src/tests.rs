@@ -45,6 +45,7 @@ fn tiny_seq() -> SequenceConfig {
         image_size: 64,
         patch_size: 8,
         max_len: 120,
+        summary_token: false,
     }
 }
 
@@ -624,6 +625,31 @@ fn bad_configuration_is_a_clear_error() {
     check(
         &|s| s.replace("patch_size = 8", "patch_size = 5"),
         "does not divide",
+    );
+    fn stage(until: u64, mixture: &'static str) -> impl Fn(&str) -> String {
+        move |s: &str| {
+            format!("{s}\n[[train.curriculum]]\nuntil_step = {until}\nmixture = {{ {mixture} }}\n")
+        }
+    }
+    check(
+        &stage(9, "describe = 1"),
+        "train.curriculum[0].until_step 9",
+    );
+    check(&stage(2, "shapes = 1"), "train.curriculum[0].mixture");
+    check(&stage(2, "shapes = 1"), "unknown task 'shapes'");
+    let staged = tiny_run_config(4);
+    let parsed = RunConfig::parse(
+        &stage(2, "describe = 3, caption = 1")(&base),
+        false,
+        "run.toml",
+    )
+    .unwrap();
+    let stages = parsed.stages().unwrap();
+    assert_eq!(stages.len(), 1);
+    assert_eq!(stages[0].until_batch, 2 * staged.train.grad_accum as u64);
+    assert_eq!(
+        stages[0].mixture.0,
+        vec![(Task::Caption, 1.0), (Task::Describe, 3.0)]
     );
     let mut config = tiny_run_config(4);
     config.model.preset = Some("nmm-xxl".into());

@@ -17,7 +17,8 @@ use candle_core::{Device, Tensor, Var};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use tokenfold_data::{
-    Assets, EvalSpec, Loader, Mixture, SequenceConfig, Split, StreamConfig, Task, TextTokenizer,
+    Assets, EvalSpec, Loader, Mixture, SequenceConfig, Split, Stage, StreamConfig, Task,
+    TextTokenizer,
 };
 
 use crate::config::{ModelConfig, preset};
@@ -36,6 +37,8 @@ pub struct ModelSection {
     pub n_heads: Option<usize>,
     pub d_ff: Option<usize>,
     pub tie_embeddings: Option<bool>,
+    /// Moved to `sequence.summary_token`; read so that older run directories still load.
+    #[serde(default, skip_serializing)]
     pub summary_token: Option<bool>,
 }
 
@@ -83,8 +86,19 @@ pub struct TrainConfig {
     /// Background data workers.
     #[serde(default = "one")]
     pub workers: usize,
-    /// Task weights; every task with weight 1 when empty.
+    /// Task weights; every task with weight 1 when empty. After the curriculum, if any.
     #[serde(default)]
+    pub mixture: BTreeMap<String, f64>,
+    /// Curriculum stages before `mixture` takes over, by increasing `until_step`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub curriculum: Vec<CurriculumStage>,
+}
+
+/// `[[train.curriculum]]`: train on `mixture` until optimizer step `until_step`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CurriculumStage {
+    pub until_step: u64,
     pub mixture: BTreeMap<String, f64>,
 }
 
@@ -163,7 +177,11 @@ impl RunConfig {
                 t.warmup_steps, t.steps
             ));
         }
+        if self.model.summary_token == Some(true) && !self.sequence.summary_token {
+            return fail("model.summary_token has moved: set sequence.summary_token = true".into());
+        }
         self.mixture()?;
+        self.stages()?;
         self.sequence.validate()?;
         Ok(())
     }
@@ -172,16 +190,29 @@ impl RunConfig {
         if self.train.mixture.is_empty() {
             return Ok(Mixture::uniform());
         }
-        let mut weights = Vec::new();
-        for (task, &weight) in &self.train.mixture {
-            let task: Task = task
-                .parse()
-                .map_err(|e| ModelError::Config(format!("train.mixture: {e}")))?;
-            weights.push((task, weight));
+        parse_mixture(&self.train.mixture, "train.mixture")
+    }
+
+    /// The curriculum as data-stream stages (a step consumes `grad_accum` batches).
+    pub fn stages(&self) -> Result<Vec<Stage>> {
+        let t = &self.train;
+        let mut previous = 0;
+        let mut stages = Vec::new();
+        for (i, stage) in t.curriculum.iter().enumerate() {
+            let field = format!("train.curriculum[{i}]");
+            if stage.until_step <= previous || stage.until_step > t.steps {
+                return Err(ModelError::Config(format!(
+                    "{field}.until_step {} must exceed the previous stage's ({previous}) and be at most train.steps ({})",
+                    stage.until_step, t.steps
+                )));
+            }
+            previous = stage.until_step;
+            stages.push(Stage {
+                until_batch: stage.until_step * t.grad_accum as u64,
+                mixture: parse_mixture(&stage.mixture, &format!("{field}.mixture"))?,
+            });
         }
-        let mixture = Mixture(weights);
-        mixture.validate()?;
-        Ok(mixture)
+        Ok(stages)
     }
 
     /// The model configuration for a tokenizer of `vocab_size` tokens.
@@ -209,10 +240,28 @@ impl RunConfig {
             seq.max_len + 64,
         );
         config.tie_embeddings = m.tie_embeddings.unwrap_or(true);
-        config.summary_token = m.summary_token.unwrap_or(false);
+        config.summary_token = seq.summary_token;
         config.validate()?;
         Ok(config)
     }
+}
+
+fn parse_mixture(weights: &BTreeMap<String, f64>, field: &str) -> Result<Mixture> {
+    if weights.is_empty() {
+        return Err(ModelError::Config(format!("{field} is empty")));
+    }
+    let mut parsed = Vec::new();
+    for (task, &weight) in weights {
+        let task: Task = task
+            .parse()
+            .map_err(|e| ModelError::Config(format!("{field}: {e}")))?;
+        parsed.push((task, weight));
+    }
+    let mixture = Mixture(parsed);
+    mixture
+        .validate()
+        .map_err(|e| ModelError::Config(format!("{field}: {e}")))?;
+    Ok(mixture)
 }
 
 /// What `state.json` of a checkpoint records.
@@ -507,6 +556,7 @@ pub fn train(
         seed: t.seed,
         batch_size: t.batch_size,
         mixture: config.mixture()?,
+        stages: config.stages()?,
         seq: config.sequence.clone(),
     };
     let mut loader = Loader::spawn(

@@ -1,0 +1,799 @@
+//! Running a plan inside the model: a [`LayerHook`] that, before each layer with a stage, computes the
+//! stage's signal, runs its operator per sample, and rebuilds the sequence.
+//!
+//! Each sample keeps its own tokens (batch > 1): a sample's new sequence is its text tokens plus its
+//! reduced visual tokens, in order of original position; samples are padded to the longest with invalid
+//! rows. Kept and merged tokens keep the original position of their representative, so RoPE and the mask
+//! stay right, and the KV cache of later layers simply holds fewer keys.
+//!
+//! Signals are defined over the prompt only (the last prompt token, the text after the image), so a
+//! decode step with the KV cache and a recomputation without it make the same choices.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use candle_core::{IndexOp, Result, Tensor};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use tokenfold_model::{LayerHook, NativeModel, SeqState};
+
+use crate::ops::{self, Assignment, Matrix};
+use crate::plan::{Method, Plan, Stage};
+use crate::signals::{self, HeadReduce, RowLayout};
+
+/// Where each sample's image and prompt are, read from the sequence at layer 0.
+#[derive(Debug, Clone)]
+struct SampleLayout {
+    /// Position of the first patch; `None` for a sample without an image.
+    image_start: Option<u32>,
+    n0: usize,
+    /// Position of the last prompt token (the query of FastV and PDrop).
+    query: u32,
+    /// Position of the summary token, if the model has one.
+    summary: Option<u32>,
+    /// SparseVLM's raters: positions of the text tokens after the image chosen as raters at layer 0.
+    raters: Vec<u32>,
+    /// Valid tokens before any reduction.
+    prompt_tokens: usize,
+}
+
+/// What passed through the layers: the budget accounting's measurements.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Trace {
+    /// Image samples seen.
+    pub samples: u64,
+    /// Σ over image samples of their original visual tokens.
+    pub visual_tokens: u64,
+    /// Σ over image samples of the visual tokens entering each layer.
+    pub entering: Vec<u64>,
+    /// Σ over image samples of all tokens (text and visual) entering each layer, and of their squares.
+    pub entering_all: Vec<u64>,
+    pub entering_all_sq: Vec<f64>,
+    /// Σ over image samples of prompt tokens before any reduction, and of their squares.
+    pub prompt_tokens: u64,
+    pub prompt_tokens_sq: f64,
+    /// Time spent computing signals and running operators.
+    pub overhead: Duration,
+}
+
+impl Trace {
+    /// Mean visual tokens entering each layer.
+    pub fn mean_entering(&self) -> Vec<f64> {
+        self.entering
+            .iter()
+            .map(|&e| e as f64 / self.samples.max(1) as f64)
+            .collect()
+    }
+
+    /// The FLOPs-equivalent average Σ_ℓ n_ℓ / L as a share of the original visual tokens.
+    pub fn equivalent_share(&self) -> f64 {
+        if self.visual_tokens == 0 || self.entering.is_empty() {
+            return 1.0;
+        }
+        self.entering.iter().sum::<u64>() as f64
+            / (self.entering.len() as u64 * self.visual_tokens) as f64
+    }
+}
+
+/// Runs `plan` inside the model's forward pass.
+pub struct FoldHook<'a> {
+    model: &'a NativeModel,
+    plan: &'a Plan,
+    /// Per sample, the position of the last prompt token; by default the last valid token at layer 0.
+    /// Set it when the sequence holds more than the prompt (recomputing generation without a cache).
+    pub prompt_ends: Option<Vec<u32>>,
+    pub trace: Trace,
+    /// Record, per stage, which original patches each surviving token stands for (for drawing).
+    pub record_groups: bool,
+    /// Per stage: (layer, per sample: per surviving token, its original patch indices, the
+    /// representative's first).
+    pub groups: Vec<(usize, Vec<Vec<Vec<u32>>>)>,
+    /// Per sample: the original patches each current visual token stands for, by representative patch.
+    members: Vec<HashMap<u32, Vec<u32>>>,
+    layouts: Vec<SampleLayout>,
+    /// Per sample: size of each visual token, by the patch index of its representative.
+    sizes: Vec<HashMap<u32, f32>>,
+}
+
+impl<'a> FoldHook<'a> {
+    pub fn new(model: &'a NativeModel, plan: &'a Plan) -> FoldHook<'a> {
+        FoldHook {
+            model,
+            plan,
+            prompt_ends: None,
+            trace: Trace {
+                entering: vec![0; model.n_layers()],
+                entering_all: vec![0; model.n_layers()],
+                entering_all_sq: vec![0.0; model.n_layers()],
+                ..Trace::default()
+            },
+            record_groups: false,
+            groups: Vec::new(),
+            members: Vec::new(),
+            layouts: Vec::new(),
+            sizes: Vec::new(),
+        }
+    }
+
+    fn grid(&self) -> usize {
+        self.model.config.image_grid
+    }
+
+    /// Reads each sample's layout from a fresh sequence (before layer 0).
+    fn read_layouts(&mut self, state: &SeqState) -> Result<()> {
+        let (b, t) = (state.batch(), state.len());
+        let summary_token = self.model.config.summary_token;
+        self.layouts.clear();
+        self.sizes.clear();
+        self.members.clear();
+        for s in 0..b {
+            let row = |j: usize| s * t + j;
+            let image: Vec<u32> = (0..t)
+                .filter(|&j| state.is_image[row(j)] && state.valid[row(j)])
+                .map(|j| state.positions[row(j)])
+                .collect();
+            let last_valid = (0..t)
+                .filter(|&j| state.valid[row(j)])
+                .map(|j| state.positions[row(j)])
+                .max()
+                .unwrap_or(0);
+            let query = self
+                .prompt_ends
+                .as_ref()
+                .and_then(|ends| ends.get(s).copied())
+                .unwrap_or(last_valid);
+            let image_start = image.iter().min().copied();
+            let n0 = image.len();
+            // `<|image_end|>` follows the last patch; the summary token follows it.
+            let summary = image_start
+                .filter(|_| summary_token)
+                .map(|start| start + n0 as u32 + 1);
+            let start = image_start.unwrap_or(0);
+            self.sizes
+                .push(image.iter().map(|&p| (p - start, 1.0)).collect());
+            self.members.push(
+                image
+                    .iter()
+                    .map(|&p| (p - start, vec![p - start]))
+                    .collect(),
+            );
+            self.layouts.push(SampleLayout {
+                image_start,
+                n0,
+                query,
+                summary,
+                raters: Vec::new(),
+                prompt_tokens: (0..t).filter(|&j| state.valid[row(j)]).count(),
+            });
+        }
+        if self
+            .plan
+            .stages
+            .iter()
+            .any(|st| st.method == Method::Sparsevlm)
+        {
+            self.choose_raters(state)?;
+        }
+        Ok(())
+    }
+
+    /// SparseVLM's rater selection on the layer-0 input: m = mean over visual tokens of softmax over text
+    /// tokens of V·Tᵀ; the raters are the text tokens with m above its mean.
+    fn choose_raters(&mut self, state: &SeqState) -> Result<()> {
+        let t = state.len();
+        for s in 0..state.batch() {
+            let layout = &self.layouts[s];
+            let Some(start) = layout.image_start else {
+                continue;
+            };
+            let image_end = start + layout.n0 as u32;
+            let rows = |pred: &dyn Fn(u32, usize) -> bool| -> Vec<usize> {
+                (0..t)
+                    .filter(|&j| state.valid[s * t + j] && pred(state.positions[s * t + j], j))
+                    .collect()
+            };
+            let visual = rows(&|_, j| state.is_image[s * t + j]);
+            let summary = layout.summary;
+            let text = rows(&|p, _| p > image_end && p <= layout.query && Some(p) != summary);
+            if text.is_empty() || visual.is_empty() {
+                continue;
+            }
+            let hidden = state.hidden.i(s)?;
+            let v = hidden.index_select(&index(&visual, hidden.device())?, 0)?;
+            let tx = hidden.index_select(&index(&text, hidden.device())?, 0)?;
+            let logits = v.matmul(&tx.t()?)?; // (n, r)
+            let max = logits.max_keepdim(1)?;
+            let exp = logits.broadcast_sub(&max)?.exp()?;
+            let m: Vec<f32> = exp
+                .broadcast_div(&exp.sum_keepdim(1)?)?
+                .mean(0)?
+                .to_vec1()?;
+            let mean = m.iter().sum::<f32>() / m.len() as f32;
+            let mut raters: Vec<u32> = text
+                .iter()
+                .zip(&m)
+                .filter(|(_, v)| **v > mean)
+                .map(|(&j, _)| state.positions[s * t + j])
+                .collect();
+            if raters.is_empty() {
+                raters = text.iter().map(|&j| state.positions[s * t + j]).collect();
+            }
+            self.layouts[s].raters = raters;
+        }
+        Ok(())
+    }
+
+    fn record(&mut self, layer: usize, state: &SeqState) {
+        let t = state.len();
+        for s in 0..state.batch() {
+            if self.layouts[s].image_start.is_none() {
+                continue;
+            }
+            let rows = s * t..(s + 1) * t;
+            let valid = state.valid[rows.clone()].iter().filter(|&&v| v).count();
+            let visual = rows
+                .filter(|&r| state.valid[r] && state.is_image[r])
+                .count();
+            self.trace.entering[layer] += visual as u64;
+            self.trace.entering_all[layer] += valid as u64;
+            self.trace.entering_all_sq[layer] += (valid * valid) as f64;
+            if layer == 0 {
+                self.trace.samples += 1;
+                self.trace.visual_tokens += self.layouts[s].n0 as u64;
+                let prompt = self.layouts[s].prompt_tokens;
+                self.trace.prompt_tokens += prompt as u64;
+                self.trace.prompt_tokens_sq += (prompt * prompt) as f64;
+            }
+        }
+    }
+
+    fn run_stage(&mut self, stage: &Stage, state: &mut SeqState) -> Result<()> {
+        let layer = stage.layer;
+        let needs_qk = !matches!(stage.method, Method::Pool | Method::Random);
+        let qk = if !needs_qk {
+            None
+        } else if stage.method.uses_previous_layer() && layer > 0 {
+            Some(state.captured.take().ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "stage at layer {layer}: the previous layer's keys were not captured"
+                ))
+            })?)
+        } else {
+            Some(self.model.layer_queries_keys(layer, state)?)
+        };
+        let (b, t) = (state.batch(), state.len());
+        let key_bias: Option<Vec<f32>> = match &state.key_bias {
+            Some(kb) => Some(kb.flatten_all()?.to_vec1()?),
+            None => None,
+        };
+        // Per sample: rows kept as they are, and new visual tokens (tensor, positions, sizes).
+        let mut per_sample = Vec::with_capacity(b);
+        let mut stage_groups: Vec<Vec<Vec<u32>>> = Vec::with_capacity(b);
+        for s in 0..b {
+            let rows = s * t..(s + 1) * t;
+            let layout = RowLayout {
+                positions: &state.positions[rows.clone()],
+                is_image: &state.is_image[rows.clone()],
+                valid: &state.valid[rows.clone()],
+                key_bias: key_bias.as_ref().map(|kb| &kb[rows.clone()]),
+            };
+            let visual: Vec<usize> = (0..t)
+                .filter(|&j| layout.valid[j] && layout.is_image[j])
+                .collect();
+            let others: Vec<usize> = (0..t)
+                .filter(|&j| layout.valid[j] && !layout.is_image[j])
+                .collect();
+            let sample = &self.layouts[s];
+            let n = visual.len();
+            let target = stage.kept_count(n, sample.n0, self.grid());
+            if n == 0 || (n <= target && stage.method != Method::Pool) {
+                if self.record_groups {
+                    let start = sample.image_start.unwrap_or(0);
+                    stage_groups.push(
+                        visual
+                            .iter()
+                            .map(|&j| {
+                                self.members[s]
+                                    .get(&(layout.positions[j] - start))
+                                    .cloned()
+                                    .unwrap_or_default()
+                            })
+                            .collect(),
+                    );
+                }
+                per_sample.push((others, visual, None));
+                continue;
+            }
+            let assignment = self.assign(stage, s, qk.as_ref(), &layout, &visual, target, state)?;
+            let start = sample.image_start.unwrap_or(0);
+            let positions: Vec<u32> = visual.iter().map(|&j| layout.positions[j]).collect();
+            let assignment = assignment.sorted_by(&positions);
+            let sizes_in: Vec<f32> = positions
+                .iter()
+                .map(|p| self.sizes[s].get(&(p - start)).copied().unwrap_or(1.0))
+                .collect();
+            let x = state
+                .hidden
+                .i(s)?
+                .index_select(&index(&visual, state.hidden.device())?, 0)?;
+            let (x_new, sizes_new) = ops::apply(&x, &sizes_in, &assignment)?;
+            let new_positions: Vec<u32> = assignment
+                .representative
+                .iter()
+                .map(|&r| positions[r])
+                .collect();
+            self.sizes[s] = new_positions
+                .iter()
+                .zip(&sizes_new)
+                .map(|(&p, &size)| (p - start, size))
+                .collect();
+            if self.record_groups {
+                let groups: Vec<Vec<u32>> = assignment
+                    .rows
+                    .iter()
+                    .zip(&assignment.representative)
+                    .map(|(row, &rep)| {
+                        let mut patches = self.members[s]
+                            .get(&(positions[rep] - start))
+                            .cloned()
+                            .unwrap_or_default();
+                        for &(i, _) in row.iter().filter(|(i, _)| *i != rep) {
+                            patches.extend(
+                                self.members[s]
+                                    .get(&(positions[i] - start))
+                                    .cloned()
+                                    .unwrap_or_default(),
+                            );
+                        }
+                        patches
+                    })
+                    .collect();
+                self.members[s] = groups
+                    .iter()
+                    .zip(&new_positions)
+                    .map(|(g, &p)| (p - start, g.clone()))
+                    .collect();
+                stage_groups.push(groups);
+            }
+            per_sample.push((others, Vec::new(), Some((x_new, new_positions))));
+        }
+        if self.record_groups {
+            self.groups.push((layer, stage_groups));
+        }
+        self.rebuild(state, per_sample)
+    }
+
+    /// The assignment of one sample's `visual` rows for `stage`, keeping `target` tokens.
+    #[allow(clippy::too_many_arguments)]
+    fn assign(
+        &self,
+        stage: &Stage,
+        s: usize,
+        qk: Option<&(Tensor, Tensor)>,
+        layout: &RowLayout,
+        visual: &[usize],
+        target: usize,
+        state: &SeqState,
+    ) -> Result<Assignment> {
+        let n = visual.len();
+        let sample = &self.layouts[s];
+        let t = layout.positions.len();
+        let row_of =
+            |position: u32| (0..t).find(|&j| layout.valid[j] && layout.positions[j] == position);
+        let qk =
+            || qk.ok_or_else(|| candle_core::Error::Msg("the stage needs queries and keys".into()));
+        let at_visual =
+            |scores: Vec<f32>| -> Vec<f32> { visual.iter().map(|&j| scores[j]).collect() };
+        // The attention row of one query position, over the visual rows.
+        let row_attention =
+            |position: Option<u32>, heads: HeadReduce| -> Result<Option<Vec<f32>>> {
+                let Some(query) = position.and_then(row_of) else {
+                    return Ok(None);
+                };
+                let (q, k) = qk()?;
+                Ok(Some(at_visual(signals::query_attention(
+                    q,
+                    k,
+                    s,
+                    layout,
+                    &[query],
+                    heads,
+                )?)))
+            };
+        Ok(match stage.method {
+            Method::Fastv | Method::Pdrop => {
+                let scores = row_attention(Some(sample.query), HeadReduce::Mean)?
+                    .unwrap_or_else(|| vec![0.0; n]);
+                ops::prune(&scores, target)
+            }
+            Method::Sparsevlm => {
+                let (q, k) = qk()?;
+                let raters: Vec<usize> = sample.raters.iter().filter_map(|&p| row_of(p)).collect();
+                let raters = if raters.is_empty() {
+                    row_of(sample.query).into_iter().collect()
+                } else {
+                    raters
+                };
+                let scores = at_visual(signals::query_attention(
+                    q,
+                    k,
+                    s,
+                    layout,
+                    &raters,
+                    HeadReduce::Mean,
+                )?);
+                if stage.recycle.unwrap_or(false) {
+                    sparsevlm_recycle(&scores, target, &signals::key_metric(k, s, visual)?)
+                } else {
+                    ops::prune(&scores, target)
+                }
+            }
+            Method::Dart => {
+                let (_, k) = qk()?;
+                let pivots = stage.pivots.unwrap_or(4);
+                let image_start = sample.image_start.unwrap_or(0);
+                let text: Vec<usize> = (0..t)
+                    .filter(|&j| {
+                        layout.valid[j]
+                            && !layout.is_image[j]
+                            && layout.positions[j] > image_start + sample.n0 as u32
+                            && layout.positions[j] <= sample.query
+                    })
+                    .collect();
+                let mut rows = visual.to_vec();
+                rows.extend(&text);
+                let hidden = state
+                    .hidden
+                    .i(s)?
+                    .index_select(&index(&rows, state.hidden.device())?, 0)?;
+                let normed = Matrix::from_tensor(&self.model.final_norm(&hidden)?)?;
+                let l1 = signals::key_l1(k, s, &rows)?;
+                dart(&normed, &l1, n, pivots, target)
+            }
+            Method::Tome => {
+                let (_, k) = qk()?;
+                let metric = signals::key_metric(k, s, visual)?;
+                tome_to(&metric, target)
+            }
+            Method::Visionzip | Method::Prumerge => {
+                let (q, k) = qk()?;
+                let heads = if stage.method == Method::Visionzip {
+                    HeadReduce::Sum
+                } else {
+                    HeadReduce::Mean
+                };
+                let scores = match row_attention(sample.summary, heads)? {
+                    Some(scores) => scores,
+                    // No summary token: attention received from all image queries (the SigLIP port).
+                    None => at_visual(signals::attention_received(q, k, s, layout, visual, 64)?),
+                };
+                let metric = signals::key_metric(k, s, visual)?;
+                if stage.method == Method::Visionzip {
+                    visionzip(&scores, &metric, target, stage.contextual_share())
+                } else {
+                    prumerge_plus(&scores, &metric, target)
+                }
+            }
+            Method::Pool => {
+                let start = sample.image_start.unwrap_or(0);
+                let grid = self.grid() as u32;
+                let cells: Vec<(u32, u32)> = visual
+                    .iter()
+                    .map(|&j| {
+                        let patch = layout.positions[j] - start;
+                        (patch / grid, patch % grid)
+                    })
+                    .collect();
+                ops::pool(&cells, stage.window.unwrap_or(1))
+            }
+            Method::Random => {
+                let seed = stage.seed.unwrap_or(0) ^ ((s as u64) << 32) ^ stage.layer as u64;
+                ops::random(n, target, &mut ChaCha8Rng::seed_from_u64(seed))
+            }
+        })
+    }
+
+    /// Rebuilds the batch from each sample's kept rows and new visual tokens, in position order, padded
+    /// to the longest sample with invalid rows.
+    #[allow(clippy::type_complexity)]
+    fn rebuild(
+        &self,
+        state: &mut SeqState,
+        per_sample: Vec<(Vec<usize>, Vec<usize>, Option<(Tensor, Vec<u32>)>)>,
+    ) -> Result<()> {
+        let (t, d) = (state.len(), state.hidden.dim(2)?);
+        let device = state.hidden.device().clone();
+        struct Row {
+            position: u32,
+            is_image: bool,
+            size: f32,
+        }
+        let mut samples = Vec::with_capacity(per_sample.len());
+        for (s, (others, visual, new)) in per_sample.into_iter().enumerate() {
+            let mut kept = others;
+            kept.extend(visual);
+            let start = self.layouts[s].image_start.unwrap_or(0);
+            let size_of = |position: u32, is_image: bool| {
+                if is_image {
+                    self.sizes[s]
+                        .get(&(position - start))
+                        .copied()
+                        .unwrap_or(1.0)
+                } else {
+                    1.0
+                }
+            };
+            let mut rows: Vec<Row> = kept
+                .iter()
+                .map(|&j| {
+                    let (position, is_image) =
+                        (state.positions[s * t + j], state.is_image[s * t + j]);
+                    Row {
+                        position,
+                        is_image,
+                        size: size_of(position, is_image),
+                    }
+                })
+                .collect();
+            let old = state
+                .hidden
+                .i(s)?
+                .index_select(&index(&kept, &device)?, 0)?;
+            let hidden = match new {
+                Some((x_new, positions)) => {
+                    rows.extend(positions.iter().map(|&position| Row {
+                        position,
+                        is_image: true,
+                        size: size_of(position, true),
+                    }));
+                    Tensor::cat(&[&old, &x_new], 0)?
+                }
+                None => old,
+            };
+            let mut order: Vec<usize> = (0..rows.len()).collect();
+            order.sort_by_key(|&r| rows[r].position);
+            let hidden = hidden.index_select(&index(&order, &device)?, 0)?;
+            let rows: Vec<Row> = order
+                .into_iter()
+                .map(|r| Row {
+                    position: rows[r].position,
+                    is_image: rows[r].is_image,
+                    size: rows[r].size,
+                })
+                .collect();
+            samples.push((hidden, rows));
+        }
+        let t_new = samples
+            .iter()
+            .map(|(_, r)| r.len())
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let b = samples.len();
+        let mut hidden = Vec::with_capacity(b);
+        let (mut positions, mut is_image, mut valid, mut key_bias) = (
+            Vec::with_capacity(b * t_new),
+            Vec::with_capacity(b * t_new),
+            Vec::with_capacity(b * t_new),
+            Vec::with_capacity(b * t_new),
+        );
+        for (h, rows) in samples {
+            let pad = t_new - rows.len();
+            hidden.push(if pad > 0 {
+                Tensor::cat(&[&h, &Tensor::zeros((pad, d), h.dtype(), &device)?], 0)?
+            } else {
+                h
+            });
+            for row in &rows {
+                positions.push(row.position);
+                is_image.push(row.is_image);
+                valid.push(true);
+                key_bias.push(row.size.ln());
+            }
+            positions.extend(std::iter::repeat_n(0, pad));
+            is_image.extend(std::iter::repeat_n(false, pad));
+            valid.extend(std::iter::repeat_n(false, pad));
+            key_bias.extend(std::iter::repeat_n(0.0, pad));
+        }
+        state.hidden = Tensor::stack(&hidden, 0)?;
+        state.positions = positions;
+        state.is_image = is_image;
+        state.valid = valid;
+        state.key_bias = if self.plan.proportional_attention {
+            Some(Tensor::from_vec(key_bias, (b, t_new), &device)?)
+        } else {
+            None
+        };
+        state.captured = None;
+        Ok(())
+    }
+}
+
+impl LayerHook for FoldHook<'_> {
+    fn before_layer(&mut self, layer: usize, state: &mut SeqState) -> Result<bool> {
+        if layer == 0 {
+            self.read_layouts(state)?;
+        }
+        let mut changed = false;
+        let plan = self.plan;
+        for stage in plan.stages.iter().filter(|st| st.layer == layer) {
+            let started = Instant::now();
+            self.run_stage(stage, state)?;
+            self.trace.overhead += started.elapsed();
+            changed = true;
+        }
+        self.record(layer, state);
+        Ok(changed)
+    }
+
+    fn capture(&self, layer: usize) -> bool {
+        self.plan
+            .stages
+            .iter()
+            .any(|st| st.layer == layer + 1 && st.method.uses_previous_layer())
+    }
+}
+
+/// ToMe down to `target` tokens: bipartite rounds (each merging at most half) until the count is reached;
+/// groups compose across rounds.
+pub fn tome_to(metric: &Matrix, target: usize) -> Assignment {
+    let n = metric.rows;
+    let mut groups: Vec<Vec<usize>> = (0..n).map(|i| vec![i]).collect();
+    let mut current = metric.clone();
+    while groups.len() > target.max(1) {
+        let round = ops::bipartite_merge(&current, groups.len() - target.max(1));
+        // Merge the round's metric rows by plain averages (ToMe averages keys with the tokens' sizes; the
+        // next round's similarity only needs a representative direction).
+        let mut next_groups = Vec::with_capacity(round.len());
+        let mut next_rows = Vec::with_capacity(round.len() * current.cols);
+        for row in &round.rows {
+            let mut members = Vec::new();
+            let mut mean = vec![0f32; current.cols];
+            for &(i, _) in row {
+                members.extend(&groups[i]);
+                for (m, v) in mean.iter_mut().zip(current.row(i)) {
+                    *m += v / row.len() as f32;
+                }
+            }
+            // The representative stays the member that kept its place (the destination, listed first).
+            next_groups.push(members);
+            next_rows.extend(mean);
+        }
+        groups = next_groups;
+        current = Matrix::new(groups.len(), current.cols, next_rows);
+    }
+    Assignment::groups(n, &groups)
+}
+
+fn index(rows: &[usize], device: &candle_core::Device) -> Result<Tensor> {
+    Tensor::from_vec(
+        rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+        rows.len(),
+        device,
+    )
+}
+
+/// SparseVLM with recycling: of the `target` tokens, some are cluster tokens made from the best 30% of the
+/// pruned ones (DPC-kNN, n/10 + 1 clusters as in the reference code); the rest are the top scorers.
+pub fn sparsevlm_recycle(scores: &[f32], target: usize, metric: &Matrix) -> Assignment {
+    let n = scores.len();
+    let pruned_guess = n.saturating_sub(target);
+    let recycled = (pruned_guess * 3 / 10).max(1);
+    let clusters = (recycled / 10 + 1).min(target.saturating_sub(1));
+    if clusters == 0 {
+        return ops::prune(scores, target);
+    }
+    let kept = ops::top_k(scores, target - clusters);
+    let kept_set: std::collections::HashSet<usize> = kept.iter().copied().collect();
+    let pruned: Vec<usize> = (0..n).filter(|i| !kept_set.contains(i)).collect();
+    let pruned_scores: Vec<f32> = pruned.iter().map(|&i| scores[i]).collect();
+    let best: Vec<usize> = ops::top_k(&pruned_scores, recycled)
+        .into_iter()
+        .map(|i| pruned[i])
+        .collect();
+    let mut groups: Vec<Vec<usize>> = kept.iter().map(|&i| vec![i]).collect();
+    groups.extend(ops::dpc_knn(metric, &best, clusters, 7));
+    Assignment::groups(n, &groups)
+}
+
+/// DART: pivots are the `pivots` image tokens and `pivots` text tokens with the largest key L1 norms;
+/// for each pivot in turn (image pivots, then text, by decreasing norm), the candidates least similar to it
+/// (cosine of final-normed hidden states) are kept, `target − image pivots` in all, spread evenly.
+/// `normed` and `l1` cover the `n` visual rows first, then the text rows.
+pub fn dart(normed: &Matrix, l1: &[f32], n: usize, pivots: usize, target: usize) -> Assignment {
+    let m = normed.normalized();
+    let image_pivots: Vec<usize> = top_desc(&l1[..n], pivots.min(target));
+    let text_pivots: Vec<usize> = top_desc(&l1[n..], pivots)
+        .into_iter()
+        .map(|i| n + i)
+        .collect();
+    let all_pivots: Vec<usize> = image_pivots.iter().chain(&text_pivots).copied().collect();
+    let mut kept: Vec<usize> = image_pivots.clone();
+    let mut candidates: Vec<usize> = (0..n).filter(|i| !image_pivots.contains(i)).collect();
+    let remaining = target - kept.len();
+    let per = remaining / all_pivots.len().max(1);
+    let extra = remaining % all_pivots.len().max(1);
+    for (p_index, &p) in all_pivots.iter().enumerate() {
+        let want = per + usize::from(p_index < extra);
+        let mut by_similarity: Vec<(usize, f32)> =
+            candidates.iter().map(|&c| (c, m.dot(p, c))).collect();
+        by_similarity.sort_by(|a, b| {
+            a.1.partial_cmp(&b.1)
+                .unwrap_or(std::cmp::Ordering::Equal)
+                .then(a.0.cmp(&b.0))
+        });
+        let chosen: Vec<usize> = by_similarity.iter().take(want).map(|&(c, _)| c).collect();
+        candidates.retain(|c| !chosen.contains(c));
+        kept.extend(chosen);
+    }
+    kept.sort_unstable();
+    Assignment::keep(n, &kept)
+}
+
+/// Indices of the `k` largest values, largest first.
+fn top_desc(values: &[f32], k: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..values.len()).collect();
+    order.sort_by(|&a, &b| {
+        values[b]
+            .partial_cmp(&values[a])
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.cmp(&b))
+    });
+    order.truncate(k);
+    order
+}
+
+/// VisionZip: `target − c` dominant tokens by score; the other tokens are split into `c` contextual
+/// anchors at a uniform stride and the tokens merged into their key-nearest anchor (size-weighted average;
+/// the reference adds the members' mean to the anchor instead, which doubles a token's norm inside a
+/// decoder).
+pub fn visionzip(scores: &[f32], metric: &Matrix, target: usize, contextual: f64) -> Assignment {
+    let n = scores.len();
+    let c = if target >= 2 {
+        ((contextual * target as f64).round() as usize).clamp(1, target - 1)
+    } else {
+        0
+    };
+    let dominant = ops::top_k(scores, target - c);
+    let rest: Vec<usize> = (0..n).filter(|i| !dominant.contains(i)).collect();
+    if c == 0 || rest.is_empty() {
+        return Assignment::keep(n, &dominant);
+    }
+    let step = (rest.len() / c).max(1);
+    let anchors: Vec<usize> = rest.iter().step_by(step).take(c).copied().collect();
+    let members: Vec<usize> = rest
+        .iter()
+        .filter(|i| !anchors.contains(i))
+        .copied()
+        .collect();
+    let mut groups: Vec<Vec<usize>> = dominant.iter().map(|&i| vec![i]).collect();
+    let merged = ops::anchor_merge(metric, &anchors, &members);
+    groups.extend(
+        merged
+            .rows
+            .iter()
+            .map(|r| r.iter().map(|&(i, _)| i).collect()),
+    );
+    Assignment::groups(n, &groups)
+}
+
+/// PruMerge+: IQR outliers of the score (at most `target`), topped up with spatially uniform tokens to
+/// `target`; every other token merges into its key-nearest kept token (size-weighted average).
+pub fn prumerge_plus(scores: &[f32], metric: &Matrix, target: usize) -> Assignment {
+    let n = scores.len();
+    let outliers = ops::iqr_outliers(scores);
+    let outlier_scores: Vec<f32> = outliers.iter().map(|&i| scores[i]).collect();
+    let mut kept: Vec<usize> = ops::top_k(&outlier_scores, target)
+        .into_iter()
+        .map(|i| outliers[i])
+        .collect();
+    let rest: Vec<usize> = (0..n).filter(|i| !kept.contains(i)).collect();
+    let need = target - kept.len();
+    if need > 0 {
+        // Evenly spaced over the remaining tokens in raster order.
+        kept.extend((0..need).map(|i| rest[i * rest.len() / need]));
+    }
+    kept.sort_unstable();
+    let members: Vec<usize> = (0..n).filter(|i| !kept.contains(i)).collect();
+    ops::anchor_merge(metric, &kept, &members)
+}

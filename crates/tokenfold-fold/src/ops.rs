@@ -1,0 +1,401 @@
+//! Reduction operators: pure functions of one sample's visual tokens, their signals and parameters.
+//!
+//! Every operator returns an [`Assignment`]: output token *j* is the size-weighted average of input tokens
+//! with weights `w[j][i]`,
+//!
+//! ```text
+//! x'_j = Σ_i w_ji · s_i · x_i / Σ_i w_ji · s_i        s'_j = Σ_i w_ji · s_i
+//! ```
+//!
+//! and takes the position of its `representative` input token. Pruning is one-hot rows, merging is rows
+//! with several members, pooling is rows grouping grid cells, soft redistribution is fractional weights. One
+//! function, [`apply`], turns an assignment into tokens, so every invariant (sizes conserved by merges, the
+//! size-weighted sum of tokens conserved, keep-all is the identity) is a property of the weights that the
+//! tests check directly.
+//!
+//! Signals (scores, similarity metrics) come in as plain row-major `f32` matrices: operators do not know where
+//! they came from, so they can be tested on small hand-made inputs without a model.
+
+use candle_core::{Device, Result, Tensor};
+use rand::Rng;
+use rand::seq::index::sample;
+
+/// A row-major matrix of `rows × cols` values: per-token feature vectors used as similarity metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Matrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Vec<f32>,
+}
+
+impl Matrix {
+    pub fn new(rows: usize, cols: usize, data: Vec<f32>) -> Matrix {
+        assert_eq!(data.len(), rows * cols, "matrix data has the wrong length");
+        Matrix { rows, cols, data }
+    }
+
+    pub fn from_tensor(t: &Tensor) -> Result<Matrix> {
+        let (rows, cols) = t.dims2()?;
+        Ok(Matrix::new(rows, cols, t.flatten_all()?.to_vec1()?))
+    }
+
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.cols..(i + 1) * self.cols]
+    }
+
+    /// The same rows scaled to unit L2 norm (zero rows stay zero).
+    pub fn normalized(&self) -> Matrix {
+        let mut data = self.data.clone();
+        for row in data.chunks_mut(self.cols.max(1)) {
+            let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+            if norm > 0.0 {
+                row.iter_mut().for_each(|v| *v /= norm);
+            }
+        }
+        Matrix::new(self.rows, self.cols, data)
+    }
+
+    /// Cosine similarity of rows `i` and `j` of an already normalised matrix.
+    pub fn dot(&self, i: usize, j: usize) -> f32 {
+        self.row(i)
+            .iter()
+            .zip(self.row(j))
+            .map(|(a, b)| a * b)
+            .sum()
+    }
+}
+
+/// Output tokens as weighted groups of input tokens (see the module docs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assignment {
+    /// Number of input tokens.
+    pub n_in: usize,
+    /// Per output token: (input index, weight) pairs, weights > 0.
+    pub rows: Vec<Vec<(usize, f32)>>,
+    /// Per output token: the input token whose position (and grid cell) it keeps.
+    pub representative: Vec<usize>,
+}
+
+impl Assignment {
+    /// Keeps `indices` (in the given order) unchanged.
+    pub fn keep(n_in: usize, indices: &[usize]) -> Assignment {
+        Assignment {
+            n_in,
+            rows: indices.iter().map(|&i| vec![(i, 1.0)]).collect(),
+            representative: indices.to_vec(),
+        }
+    }
+
+    /// Output token per group: the members averaged with equal weights (size-weighted in [`apply`]); the
+    /// first member is the representative.
+    pub fn groups(n_in: usize, groups: &[Vec<usize>]) -> Assignment {
+        Assignment {
+            n_in,
+            rows: groups
+                .iter()
+                .map(|g| g.iter().map(|&i| (i, 1.0)).collect())
+                .collect(),
+            representative: groups.iter().map(|g| g[0]).collect(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Sorts output tokens by the original position of their representative (`positions` per input
+    /// token), so that kept tokens stay in image order.
+    pub fn sorted_by(mut self, positions: &[u32]) -> Assignment {
+        let mut order: Vec<usize> = (0..self.len()).collect();
+        order.sort_by_key(|&j| positions[self.representative[j]]);
+        self.rows = order.iter().map(|&j| self.rows[j].clone()).collect();
+        self.representative = order.iter().map(|&j| self.representative[j]).collect();
+        self
+    }
+
+    /// The dense (n_out × n_in) matrix of `w_ji · s_i`.
+    fn weighted(&self, sizes: &[f32]) -> Vec<f32> {
+        let mut dense = vec![0f32; self.len() * self.n_in];
+        for (j, row) in self.rows.iter().enumerate() {
+            for &(i, w) in row {
+                dense[j * self.n_in + i] += w * sizes[i];
+            }
+        }
+        dense
+    }
+}
+
+/// Applies an assignment to tokens `x` (n, d) of sizes `sizes`: returns the output tokens (k, d) and sizes.
+pub fn apply(x: &Tensor, sizes: &[f32], assignment: &Assignment) -> Result<(Tensor, Vec<f32>)> {
+    let (n, _) = x.dims2()?;
+    if n != assignment.n_in || sizes.len() != n {
+        candle_core::bail!(
+            "assignment over {} tokens applied to {n} tokens with {} sizes",
+            assignment.n_in,
+            sizes.len()
+        );
+    }
+    let k = assignment.len();
+    let dense = assignment.weighted(sizes);
+    let new_sizes: Vec<f32> = dense.chunks(n.max(1)).map(|r| r.iter().sum()).collect();
+    if let Some(j) = new_sizes.iter().position(|&s| s <= 0.0) {
+        candle_core::bail!("output token {j} has no weight");
+    }
+    // Rows normalised by their total weight: x' = (W·diag(s) / s') · x.
+    let normalised: Vec<f32> = dense
+        .chunks(n.max(1))
+        .zip(&new_sizes)
+        .flat_map(|(row, &total)| row.iter().map(move |w| w / total))
+        .collect();
+    let weights = Tensor::from_vec(normalised, (k, n), x.device())?.to_dtype(x.dtype())?;
+    Ok((weights.matmul(x)?, new_sizes))
+}
+
+/// Indices of the `k` largest scores, in increasing index order. Ties go to the lower index; NaN scores
+/// rank last.
+pub fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (sa, sb) = (scores[a], scores[b]);
+        match (sa.is_nan(), sb.is_nan()) {
+            (true, false) => std::cmp::Ordering::Greater,
+            (false, true) => std::cmp::Ordering::Less,
+            _ => sb.partial_cmp(&sa).unwrap_or(std::cmp::Ordering::Equal),
+        }
+        .then(a.cmp(&b))
+    });
+    let mut kept = order[..k.min(scores.len())].to_vec();
+    kept.sort_unstable();
+    kept
+}
+
+/// Pruning: keeps the `k` highest-scoring tokens; the rest are dropped.
+pub fn prune(scores: &[f32], k: usize) -> Assignment {
+    Assignment::keep(scores.len(), &top_k(scores, k))
+}
+
+/// The sanity baseline: `k` tokens drawn uniformly without replacement.
+pub fn random(n: usize, k: usize, rng: &mut impl Rng) -> Assignment {
+    let mut kept = sample(rng, n, k.min(n)).into_vec();
+    kept.sort_unstable();
+    Assignment::keep(n, &kept)
+}
+
+/// ToMe's bipartite soft matching: tokens alternate into sets A (even) and B (odd); each A token's best B
+/// match by cosine similarity of `metric`; the `r` A tokens with the most similar matches merge into their
+/// match (several may land on one B token). `r` is capped at |A|. Returns unmerged A tokens, then every B
+/// token (with whatever merged into it), as ToMe orders them; use [`Assignment::sorted_by`] to restore
+/// image order.
+pub fn bipartite_merge(metric: &Matrix, r: usize) -> Assignment {
+    let n = metric.rows;
+    let m = metric.normalized();
+    let a: Vec<usize> = (0..n).step_by(2).collect();
+    let b: Vec<usize> = (1..n).step_by(2).collect();
+    if b.is_empty() || r == 0 {
+        return Assignment::keep(n, &(0..n).collect::<Vec<_>>());
+    }
+    // Best partner in B of each A token, and its similarity.
+    let best: Vec<(usize, f32)> = a
+        .iter()
+        .map(|&i| {
+            b.iter()
+                .map(|&j| (j, m.dot(i, j)))
+                .fold((b[0], f32::NEG_INFINITY), |acc, (j, s)| {
+                    if s > acc.1 { (j, s) } else { acc }
+                })
+        })
+        .collect();
+    let mut order: Vec<usize> = (0..a.len()).collect();
+    order.sort_by(|&x, &y| {
+        best[y]
+            .1
+            .partial_cmp(&best[x].1)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(x.cmp(&y))
+    });
+    let r = r.min(a.len());
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut unmerged: Vec<usize> = order[r..].iter().map(|&x| a[x]).collect();
+    unmerged.sort_unstable();
+    groups.extend(unmerged.iter().map(|&i| vec![i]));
+    let mut dst_groups: Vec<Vec<usize>> = b.iter().map(|&j| vec![j]).collect();
+    for &x in &order[..r] {
+        let dst = best[x].0;
+        dst_groups[(dst - 1) / 2].push(a[x]);
+    }
+    groups.extend(dst_groups);
+    Assignment::groups(n, &groups)
+}
+
+/// Nearest-anchor merge: every token of `members` joins the anchor whose `metric` row is most
+/// cosine-similar; each anchor becomes the size-weighted average of itself and its members.
+pub fn anchor_merge(metric: &Matrix, anchors: &[usize], members: &[usize]) -> Assignment {
+    let m = metric.normalized();
+    let mut groups: Vec<Vec<usize>> = anchors.iter().map(|&a| vec![a]).collect();
+    if anchors.is_empty() {
+        return Assignment::groups(metric.rows, &groups);
+    }
+    for &i in members {
+        let (best, _) =
+            anchors
+                .iter()
+                .enumerate()
+                .fold((0usize, f32::NEG_INFINITY), |acc, (g, &a)| {
+                    let s = m.dot(i, a);
+                    if s > acc.1 { (g, s) } else { acc }
+                });
+        groups[best].push(i);
+    }
+    Assignment::groups(metric.rows, &groups)
+}
+
+/// k×k pooling on the image grid: tokens whose grid cells `(row, col)` fall in the same `window × window`
+/// block are averaged (size-weighted). On a full grid this is a plain k×k average; after an earlier
+/// reduction it pools whatever tokens remain in each block. The representative is the block's first token
+/// in raster order.
+pub fn pool(cells: &[(u32, u32)], window: u32) -> Assignment {
+    let window = window.max(1);
+    let mut blocks: std::collections::BTreeMap<(u32, u32), Vec<usize>> = Default::default();
+    for (i, &(row, col)) in cells.iter().enumerate() {
+        blocks
+            .entry((row / window, col / window))
+            .or_default()
+            .push(i);
+    }
+    let mut groups: Vec<Vec<usize>> = blocks.into_values().collect();
+    for g in &mut groups {
+        g.sort_by_key(|&i| cells[i]);
+    }
+    Assignment::groups(cells.len(), &groups)
+}
+
+/// Soft redistribution: kept tokens `kept` absorb the others with strength `gamma` ∈ [0, 1], each dropped
+/// token spread over the kept ones by softmax(cos(metric)/tau). `gamma` = 0 is pruning; `gamma` = 1 with
+/// `tau` → 0 is a nearest-anchor merge.
+pub fn redistribute(metric: &Matrix, kept: &[usize], gamma: f32, tau: f32) -> Assignment {
+    let n = metric.rows;
+    let m = metric.normalized();
+    let mut rows: Vec<Vec<(usize, f32)>> = kept.iter().map(|&a| vec![(a, 1.0)]).collect();
+    let is_kept: std::collections::HashSet<usize> = kept.iter().copied().collect();
+    if gamma > 0.0 && !kept.is_empty() {
+        for i in (0..n).filter(|i| !is_kept.contains(i)) {
+            let logits: Vec<f32> = kept.iter().map(|&a| m.dot(i, a) / tau.max(1e-6)).collect();
+            let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let exp: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
+            let total: f32 = exp.iter().sum();
+            for (g, e) in exp.iter().enumerate() {
+                let w = gamma * e / total;
+                if w > 0.0 {
+                    rows[g].push((i, w));
+                }
+            }
+        }
+    }
+    Assignment {
+        n_in: n,
+        rows,
+        representative: kept.to_vec(),
+    }
+}
+
+/// Re-weighting by scale: the additive attention bias `strength · ln(weight)` per token, so that a token's
+/// attention logits grow by the log of its weight (weights normalised to mean 1; `strength` 0 leaves
+/// attention unchanged).
+pub fn reweight_bias(weights: &[f32], strength: f32) -> Vec<f32> {
+    let mean = weights.iter().sum::<f32>() / weights.len().max(1) as f32;
+    weights
+        .iter()
+        .map(|&w| strength * (w.max(1e-12) / mean.max(1e-12)).ln())
+        .collect()
+}
+
+/// Density-peaks clustering with k nearest neighbours (DPC-kNN, as SparseVLM recycles pruned tokens):
+/// density ρ_i = exp(−mean of squared distances to the k nearest), δ_i = distance to the nearest denser
+/// token (the largest distance for the densest), centres = the `n_clusters` largest ρ·δ; every other token
+/// joins its nearest centre. Distances are Euclidean on `metric` rows of `members`. Returns groups of
+/// member indices, centre first.
+pub fn dpc_knn(metric: &Matrix, members: &[usize], n_clusters: usize, k: usize) -> Vec<Vec<usize>> {
+    let n = members.len();
+    if n == 0 || n_clusters == 0 {
+        return Vec::new();
+    }
+    let dist = |a: usize, b: usize| -> f32 {
+        metric
+            .row(members[a])
+            .iter()
+            .zip(metric.row(members[b]))
+            .map(|(x, y)| (x - y) * (x - y))
+            .sum::<f32>()
+            .sqrt()
+    };
+    let d: Vec<Vec<f32>> = (0..n)
+        .map(|a| (0..n).map(|b| dist(a, b)).collect())
+        .collect();
+    let k = k.clamp(1, n.saturating_sub(1).max(1));
+    let density: Vec<f32> = (0..n)
+        .map(|a| {
+            let mut row: Vec<f32> = (0..n).filter(|&b| b != a).map(|b| d[a][b]).collect();
+            row.sort_by(|x, y| x.partial_cmp(y).unwrap_or(std::cmp::Ordering::Equal));
+            let near = &row[..k.min(row.len())];
+            if near.is_empty() {
+                1.0
+            } else {
+                (-(near.iter().map(|v| v * v).sum::<f32>() / near.len() as f32)).exp()
+            }
+        })
+        .collect();
+    let max_dist = d.iter().flatten().cloned().fold(0f32, f32::max);
+    // Denser: higher density, ties broken by index so that exactly one token is the densest.
+    let denser =
+        |b: usize, a: usize| density[b] > density[a] || (density[b] == density[a] && b < a);
+    let delta: Vec<f32> = (0..n)
+        .map(|a| {
+            (0..n)
+                .filter(|&b| denser(b, a))
+                .map(|b| d[a][b])
+                .fold(f32::INFINITY, f32::min)
+        })
+        .map(|v| if v.is_finite() { v } else { max_dist })
+        .collect();
+    let score: Vec<f32> = (0..n).map(|a| density[a] * delta[a]).collect();
+    let centres = top_k(&score, n_clusters.min(n));
+    let mut groups: Vec<Vec<usize>> = centres.iter().map(|&c| vec![members[c]]).collect();
+    for a in (0..n).filter(|a| !centres.contains(a)) {
+        let (g, _) = centres
+            .iter()
+            .enumerate()
+            .fold((0usize, f32::INFINITY), |acc, (g, &c)| {
+                if d[a][c] < acc.1 { (g, d[a][c]) } else { acc }
+            });
+        groups[g].push(members[a]);
+    }
+    groups
+}
+
+/// Interquartile-range outliers (PruMerge, TRIM): indices with score > Q3 + 1.5·IQR, quartiles by linear
+/// interpolation as numpy computes them.
+pub fn iqr_outliers(scores: &[f32]) -> Vec<usize> {
+    let mut sorted: Vec<f32> = scores.iter().copied().filter(|v| !v.is_nan()).collect();
+    if sorted.is_empty() {
+        return Vec::new();
+    }
+    sorted.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    let quantile = |q: f32| {
+        let pos = q * (sorted.len() - 1) as f32;
+        let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+        sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f32)
+    };
+    let (q1, q3) = (quantile(0.25), quantile(0.75));
+    let limit = q3 + 1.5 * (q3 - q1);
+    (0..scores.len()).filter(|&i| scores[i] > limit).collect()
+}
+
+/// A tensor of `rows` on `device` (test and signal helper).
+pub fn tensor(rows: &[Vec<f32>], device: &Device) -> Result<Tensor> {
+    let d = rows.first().map_or(0, Vec::len);
+    Tensor::from_vec(rows.concat(), (rows.len(), d), device)
+}

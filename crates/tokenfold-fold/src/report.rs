@@ -1,0 +1,212 @@
+//! Evaluating a plan: accuracy on the evaluation sets, the budget figures (planned and measured), the
+//! analytical prefill FLOPs and the measured prefill latency; and the comparison table of many plans.
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokenfold_data::sequence::{SequenceConfig, encode_prompt};
+use tokenfold_data::{Assets, EvalSpec, Task, TextTokenizer};
+use tokenfold_model::eval::{SetResult, evaluate_with, mean_accuracy, prompt_inputs};
+use tokenfold_model::{KvCache, NativeModel, NoHook};
+
+use crate::budget::{Geometry, prefill_flops};
+use crate::error::Result;
+use crate::hook::{FoldHook, Trace};
+use crate::plan::Plan;
+
+/// Budget figures of a plan, as the plan prescribes and as measured on the evaluated samples.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BudgetFigures {
+    /// Visual tokens of an image before reduction.
+    pub visual_tokens: usize,
+    /// Mean visual tokens entering each layer (measured).
+    pub entering: Vec<f64>,
+    /// Mean visual tokens entering the first layer (measured).
+    pub first_layer: f64,
+    /// Σ_ℓ n_ℓ / L over n₀: prescribed by the plan, and measured.
+    pub planned_share: f64,
+    pub measured_share: f64,
+    /// Analytical prefill FLOPs relative to the full model on the same prompts.
+    pub flops_share: f64,
+}
+
+/// Prefill latency on one batch, median of repeats.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Latency {
+    pub batch: usize,
+    pub full_ms: f64,
+    pub plan_ms: f64,
+    /// Time in signals and operators per plan prefill.
+    pub overhead_ms: f64,
+}
+
+impl Latency {
+    pub fn speedup(&self) -> f64 {
+        self.full_ms / self.plan_ms.max(1e-9)
+    }
+    pub fn overhead_share(&self) -> f64 {
+        self.overhead_ms / self.plan_ms.max(1e-9)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanReport {
+    pub plan: Plan,
+    pub sets: Vec<SetResult>,
+    pub mean_accuracy: f64,
+    pub budget: BudgetFigures,
+    pub latency: Option<Latency>,
+}
+
+/// Budget figures from a trace of the plan over some prompts.
+pub fn budget_figures(model: &NativeModel, plan: &Plan, trace: &Trace) -> BudgetFigures {
+    let g = Geometry::of(&model.config);
+    let entering = trace.mean_entering();
+    let layers = model.n_layers();
+    let tokens: Vec<f64> = trace.entering_all.iter().map(|&t| t as f64).collect();
+    let full_tokens = vec![trace.prompt_tokens as f64; layers];
+    let full_sq = vec![trace.prompt_tokens_sq; layers];
+    let full = prefill_flops(&model.config, &full_tokens, &full_sq);
+    BudgetFigures {
+        visual_tokens: g.n0(),
+        first_layer: entering.first().copied().unwrap_or(0.0),
+        entering,
+        planned_share: plan.equivalent_share(layers, g.n0(), g.grid),
+        measured_share: trace.equivalent_share(),
+        flops_share: if trace.samples == 0 {
+            1.0
+        } else {
+            prefill_flops(&model.config, &tokens, &trace.entering_all_sq) / full
+        },
+    }
+}
+
+/// Evaluates `plan` on `n` samples of each set: accuracy and measured budget.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_plan(
+    model: &NativeModel,
+    tokenizer: &TextTokenizer,
+    assets: &Assets,
+    seq: &SequenceConfig,
+    specs: &[EvalSpec],
+    n: usize,
+    batch_size: usize,
+    plan: &Plan,
+) -> Result<PlanReport> {
+    plan.validate(model.n_layers())?;
+    let mut hook = FoldHook::new(model, plan);
+    let sets = evaluate_with(
+        model, tokenizer, assets, seq, specs, n, batch_size, &mut hook,
+    )?;
+    let budget = budget_figures(model, plan, &hook.trace);
+    Ok(PlanReport {
+        plan: plan.clone(),
+        mean_accuracy: mean_accuracy(&sets),
+        sets,
+        budget,
+        latency: None,
+    })
+}
+
+/// Prefill latency of one batch of `batch` image prompts (drawn from the image-task sets), full model and
+/// with `plan`: the median of `repeats` timed runs after one warm-up each.
+pub fn measure_latency(
+    model: &NativeModel,
+    tokenizer: &TextTokenizer,
+    assets: &Assets,
+    seq: &SequenceConfig,
+    plan: &Plan,
+    batch: usize,
+    repeats: usize,
+) -> Result<Latency> {
+    let specs: Vec<EvalSpec> = EvalSpec::all(tokenfold_data::Split::Test)
+        .into_iter()
+        .filter(|s| s.task != Task::Text)
+        .collect();
+    let per_set = batch.div_ceil(specs.len());
+    let prompts = specs
+        .iter()
+        .flat_map(|s| s.build(assets, per_set))
+        .take(batch)
+        .map(|s| encode_prompt(s.image.as_ref(), &s.question, tokenizer, seq))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let inputs = prompt_inputs(&prompts, tokenizer.special.pad, seq, model.device())?;
+    let time = |run: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        run()?;
+        let mut times = Vec::with_capacity(repeats.max(1));
+        for _ in 0..repeats.max(1) {
+            let started = Instant::now();
+            run()?;
+            times.push(started.elapsed().as_secs_f64() * 1e3);
+        }
+        times.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+        Ok(times[times.len() / 2])
+    };
+    let full_ms = time(&mut || {
+        model.prefill(&inputs, &mut NoHook, &mut KvCache::default())?;
+        Ok(())
+    })?;
+    let mut overhead = Duration::ZERO;
+    let mut runs = 0u32;
+    let plan_ms = time(&mut || {
+        let mut hook = FoldHook::new(model, plan);
+        model.prefill(&inputs, &mut hook, &mut KvCache::default())?;
+        overhead += hook.trace.overhead;
+        runs += 1;
+        Ok(())
+    })?;
+    Ok(Latency {
+        batch: prompts.len(),
+        full_ms,
+        plan_ms,
+        overhead_ms: overhead.as_secs_f64() * 1e3 / runs.max(1) as f64,
+    })
+}
+
+/// The comparison table: one row per plan, per-set accuracy, the average, the average relative to the
+/// full model, and the budget figures.
+pub fn compare_markdown(reports: &[PlanReport]) -> String {
+    let Some(first) = reports.first() else {
+        return String::new();
+    };
+    let image_sets: Vec<&SetResult> = first.sets.iter().filter(|s| s.task != Task::Text).collect();
+    let full = reports
+        .iter()
+        .find(|r| r.plan.stages.is_empty())
+        .map(|r| r.mean_accuracy);
+    let mut out = String::from("| plan | budget | tokens/layer | FLOPs |");
+    for s in &image_sets {
+        out.push_str(&format!(" {} |", short_set(&s.set)));
+    }
+    out.push_str(" average | relative | speed-up |\n|---|---:|---:|---:|");
+    out.push_str(&"---:|".repeat(image_sets.len() + 3));
+    out.push('\n');
+    for r in reports {
+        out.push_str(&format!(
+            "| {} | {:.1}% | {:.1} | {:.1}% |",
+            r.plan.name,
+            100.0 * r.budget.measured_share,
+            r.budget.measured_share * r.budget.visual_tokens as f64,
+            100.0 * r.budget.flops_share
+        ));
+        for s in r.sets.iter().filter(|s| s.task != Task::Text) {
+            out.push_str(&format!(" {:.1} |", 100.0 * s.accuracy));
+        }
+        let relative = full.map_or(String::new(), |f| {
+            format!("{:.1}%", 100.0 * r.mean_accuracy / f.max(1e-9))
+        });
+        let speedup = r
+            .latency
+            .as_ref()
+            .map_or(String::new(), |l| format!("{:.2}×", l.speedup()));
+        out.push_str(&format!(
+            " **{:.1}** | {relative} | {speedup} |\n",
+            100.0 * r.mean_accuracy
+        ));
+    }
+    out
+}
+
+fn short_set(set: &str) -> String {
+    set.split('/').next().unwrap_or(set).to_string()
+}

@@ -1,0 +1,720 @@
+//! Operators against direct computations and their invariants; signals against the materialised attention
+//! matrix; plan validation; budget fitting; plans inside a tiny random model (measured budget equals the
+//! plan's, batch > 1 equals batch 1, KV-cache decoding equals recomputation).
+
+use candle_core::{D, Device, IndexOp, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tokenfold_model::config::{ModelConfig, Shape};
+use tokenfold_model::{Inputs, KvCache, NativeModel, NoHook};
+
+use crate::budget::{Geometry, STANDARD_BUDGETS, fit};
+use crate::hook::{FoldHook, dart, prumerge_plus, sparsevlm_recycle, tome_to, visionzip};
+use crate::ops::{self, Assignment, Matrix};
+use crate::plan::{Method, Plan, Stage};
+use crate::signals::{self, HeadReduce, RowLayout};
+
+fn random_matrix(rows: usize, cols: usize, seed: u64) -> Matrix {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    Matrix::new(
+        rows,
+        cols,
+        (0..rows * cols)
+            .map(|_| rng.random_range(-1.0f32..1.0))
+            .collect(),
+    )
+}
+
+fn tokens(m: &Matrix) -> Tensor {
+    Tensor::from_vec(m.data.clone(), (m.rows, m.cols), &Device::Cpu).unwrap()
+}
+
+fn rows_of(t: &Tensor) -> Vec<Vec<f32>> {
+    t.to_vec2().unwrap()
+}
+
+fn assert_close(a: f32, b: f32, tol: f32, what: &str) {
+    assert!(
+        (a - b).abs() <= tol * (1.0 + a.abs().max(b.abs())),
+        "{what}: {a} vs {b}"
+    );
+}
+
+/// Σ s_i and Σ s_i·x_i of tokens.
+fn size_moments(x: &Tensor, sizes: &[f32]) -> (f32, Vec<f32>) {
+    let rows = rows_of(x);
+    let mut weighted = vec![0f32; rows[0].len()];
+    for (row, &s) in rows.iter().zip(sizes) {
+        for (w, v) in weighted.iter_mut().zip(row) {
+            *w += s * v;
+        }
+    }
+    (sizes.iter().sum(), weighted)
+}
+
+// ---------------------------------------------------------------- operators
+
+#[test]
+fn keeping_every_token_is_the_identity() {
+    let m = random_matrix(12, 5, 1);
+    let x = tokens(&m);
+    let sizes = vec![1.0, 2.0, 1.0, 3.0, 1.0, 1.0, 1.0, 1.0, 2.0, 1.0, 1.0, 1.0];
+    let all: Vec<usize> = (0..12).collect();
+    let (y, s) = ops::apply(&x, &sizes, &Assignment::keep(12, &all)).unwrap();
+    assert_eq!(rows_of(&y), rows_of(&x));
+    assert_eq!(s, sizes);
+    // Every operator asked to keep all tokens keeps them unchanged.
+    let scores: Vec<f32> = (0..12).map(|i| (i * 7 % 5) as f32).collect();
+    for a in [
+        ops::prune(&scores, 12),
+        ops::bipartite_merge(&m, 0),
+        tome_to(&m, 12),
+        ops::redistribute(&m, &all, 1.0, 0.1),
+    ] {
+        let positions: Vec<u32> = (0..12).collect();
+        let (y, s) = ops::apply(&x, &sizes, &a.sorted_by(&positions)).unwrap();
+        assert_eq!(rows_of(&y), rows_of(&x));
+        assert_eq!(s, sizes);
+    }
+}
+
+#[test]
+fn prune_keeps_the_top_scores_in_image_order() {
+    let scores = [0.1, 0.9, 0.3, f32::NAN, 0.9, 0.5];
+    assert_eq!(ops::top_k(&scores, 3), vec![1, 4, 5]);
+    // Ties go to the lower index, NaN ranks last.
+    assert_eq!(ops::top_k(&[1.0, 1.0, 1.0], 2), vec![0, 1]);
+    assert_eq!(ops::top_k(&scores, 6), vec![0, 1, 2, 3, 4, 5]);
+    let m = random_matrix(6, 4, 2);
+    let (y, s) = ops::apply(&tokens(&m), &[1.0; 6], &ops::prune(&scores, 2)).unwrap();
+    assert_eq!(rows_of(&y), vec![m.row(1).to_vec(), m.row(4).to_vec()]);
+    assert_eq!(s, vec![1.0, 1.0]);
+}
+
+#[test]
+fn merges_conserve_total_size_and_the_size_weighted_sum() {
+    let n = 16;
+    let m = random_matrix(n, 6, 3);
+    let x = tokens(&m);
+    let sizes: Vec<f32> = (0..n).map(|i| 1.0 + (i % 3) as f32).collect();
+    let (total, weighted) = size_moments(&x, &sizes);
+    let scores: Vec<f32> = (0..n).map(|i| ((i * 5) % 7) as f32).collect();
+    let cells: Vec<(u32, u32)> = (0..n as u32).map(|i| (i / 4, i % 4)).collect();
+    let cases: Vec<(&str, Assignment)> = vec![
+        ("bipartite", ops::bipartite_merge(&m, 5)),
+        ("tome rounds", tome_to(&m, 3)),
+        (
+            "anchor",
+            ops::anchor_merge(
+                &m,
+                &[0, 5, 9],
+                &[1, 2, 3, 4, 6, 7, 8, 10, 11, 12, 13, 14, 15],
+            ),
+        ),
+        ("pool", ops::pool(&cells, 2)),
+        (
+            "redistribute γ=1",
+            ops::redistribute(&m, &[2, 7, 11], 1.0, 0.3),
+        ),
+        ("visionzip", visionzip(&scores, &m, 6, 0.34)),
+        ("prumerge+", prumerge_plus(&scores, &m, 5)),
+    ];
+    for (name, a) in cases {
+        let (y, s) = ops::apply(&x, &sizes, &a).unwrap();
+        let (t2, w2) = size_moments(&y, &s);
+        assert_close(t2, total, 1e-5, &format!("{name}: total size"));
+        for (a, b) in w2.iter().zip(&weighted) {
+            assert_close(*a, *b, 1e-5, &format!("{name}: size-weighted sum"));
+        }
+    }
+}
+
+#[test]
+fn pooling_a_full_grid_is_a_plain_block_average() {
+    let grid = 4u32;
+    let m = random_matrix(16, 3, 4);
+    let cells: Vec<(u32, u32)> = (0..16).map(|i| (i / grid, i % grid)).collect();
+    let a = ops::pool(&cells, 2);
+    assert_eq!(a.len(), 4);
+    let (y, s) = ops::apply(&tokens(&m), &[1.0; 16], &a).unwrap();
+    assert_eq!(s, vec![4.0; 4]);
+    let y = rows_of(&y);
+    for (block, (br, bc)) in [(0, 0), (0, 1), (1, 0), (1, 1)].iter().enumerate() {
+        for (c, &pooled) in y[block].iter().enumerate() {
+            let mut mean = 0.0;
+            for r in 0..2 {
+                for col in 0..2 {
+                    mean += m.row(((br * 2 + r) * grid + bc * 2 + col) as usize)[c] / 4.0;
+                }
+            }
+            assert_close(pooled, mean, 1e-6, "block average");
+        }
+        // The representative is the block's top-left cell.
+        assert_eq!(a.representative[block], ((br * 2) * grid + bc * 2) as usize);
+    }
+    // A 3×3 window on a 4×4 grid: ⌈4/3⌉² = 4 blocks of 9, 3, 3 and 1 tokens.
+    let sizes: Vec<usize> = ops::pool(&cells, 3).rows.iter().map(Vec::len).collect();
+    assert_eq!(sizes, vec![9, 3, 3, 1]);
+}
+
+#[test]
+fn bipartite_matching_merges_the_most_similar_pairs() {
+    // Tokens 0..8 alternate A (even) and B (odd); A tokens 0 and 4 copy B tokens 3 and 7, the others
+    // are orthogonal to everything.
+    let mut data = vec![0f32; 8 * 8];
+    for i in 0..8 {
+        data[i * 8 + i] = 1.0;
+    }
+    let copy = |data: &mut Vec<f32>, from: usize, to: usize| {
+        let row: Vec<f32> = data[from * 8..from * 8 + 8].to_vec();
+        data[to * 8..to * 8 + 8].copy_from_slice(&row);
+    };
+    copy(&mut data, 3, 0);
+    copy(&mut data, 7, 4);
+    let m = Matrix::new(8, 8, data);
+    let a = ops::bipartite_merge(&m, 2);
+    assert_eq!(a.len(), 6);
+    let groups: Vec<Vec<usize>> = a
+        .rows
+        .iter()
+        .map(|r| r.iter().map(|&(i, _)| i).collect())
+        .collect();
+    assert!(groups.contains(&vec![3, 0]), "{groups:?}");
+    assert!(groups.contains(&vec![7, 4]), "{groups:?}");
+    // Unmerged A tokens first, then every B token, as ToMe orders them.
+    assert_eq!(groups[0], vec![2]);
+    assert_eq!(groups[1], vec![6]);
+}
+
+#[test]
+fn random_keeps_distinct_sorted_tokens_and_is_seeded() {
+    let a = ops::random(50, 10, &mut ChaCha8Rng::seed_from_u64(9));
+    let b = ops::random(50, 10, &mut ChaCha8Rng::seed_from_u64(9));
+    assert_eq!(a, b);
+    assert_eq!(a.len(), 10);
+    let kept = a.representative.clone();
+    assert!(kept.windows(2).all(|w| w[0] < w[1]) && kept[9] < 50);
+}
+
+#[test]
+fn redistribution_spans_pruning_and_merging() {
+    let m = random_matrix(10, 4, 5);
+    let x = tokens(&m);
+    let kept = [1, 4, 8];
+    let (pruned, _) = ops::apply(&x, &[1.0; 10], &Assignment::keep(10, &kept)).unwrap();
+    let (at_zero, sizes) =
+        ops::apply(&x, &[1.0; 10], &ops::redistribute(&m, &kept, 0.0, 1.0)).unwrap();
+    assert_eq!(rows_of(&at_zero), rows_of(&pruned));
+    assert_eq!(sizes, vec![1.0; 3]);
+    // γ = 1, τ → 0: each dropped token goes wholly to its most similar kept token.
+    let members: Vec<usize> = (0..10).filter(|i| !kept.contains(i)).collect();
+    let hard = ops::anchor_merge(&m, &kept, &members);
+    let (merged, s1) = ops::apply(&x, &[1.0; 10], &hard).unwrap();
+    let (soft, s2) = ops::apply(&x, &[1.0; 10], &ops::redistribute(&m, &kept, 1.0, 1e-4)).unwrap();
+    for (a, b) in rows_of(&merged)
+        .iter()
+        .flatten()
+        .zip(rows_of(&soft).iter().flatten())
+    {
+        assert_close(*a, *b, 1e-4, "τ → 0 equals the hard merge");
+    }
+    for (a, b) in s1.iter().zip(&s2) {
+        assert_close(*a, *b, 1e-4, "sizes");
+    }
+}
+
+#[test]
+fn reweight_bias_is_the_log_of_normalised_weights() {
+    let bias = ops::reweight_bias(&[1.0, 2.0, 3.0], 1.0);
+    assert_close(bias[0], (0.5f32).ln(), 1e-6, "w/mean");
+    assert_close(bias[2], (1.5f32).ln(), 1e-6, "w/mean");
+    assert_eq!(ops::reweight_bias(&[1.0, 5.0], 0.0), vec![0.0, 0.0]);
+}
+
+#[test]
+fn iqr_outliers_match_numpy_quartiles() {
+    // numpy: q1 = 2.0, q3 = 4.0 for [1, 2, 3, 4, 5] → limit 7: none; add 20 → q1 2.25, q3 4.75, limit 8.5.
+    assert!(ops::iqr_outliers(&[1.0, 2.0, 3.0, 4.0, 5.0]).is_empty());
+    assert_eq!(ops::iqr_outliers(&[1.0, 2.0, 3.0, 4.0, 5.0, 20.0]), vec![5]);
+}
+
+#[test]
+fn dpc_knn_separates_two_clusters() {
+    let mut data = Vec::new();
+    for i in 0..5 {
+        data.extend([i as f32 * 0.01, 0.0]);
+    }
+    for i in 0..5 {
+        data.extend([10.0 + i as f32 * 0.01, 10.0]);
+    }
+    let m = Matrix::new(10, 2, data);
+    let members: Vec<usize> = (0..10).collect();
+    let mut groups = ops::dpc_knn(&m, &members, 2, 3);
+    for g in &mut groups {
+        g.sort_unstable();
+    }
+    groups.sort();
+    assert_eq!(groups, vec![vec![0, 1, 2, 3, 4], vec![5, 6, 7, 8, 9]]);
+}
+
+#[test]
+fn dart_keeps_image_pivots_and_the_least_duplicated_tokens() {
+    // 6 visual tokens then 2 text tokens; token 0 has the largest key norm (the image pivot), text token
+    // 7 the largest text norm. Token 3 is the opposite of pivot 0, token 5 orthogonal.
+    let data = vec![
+        1.0, 0.0, //
+        0.9, 0.1, //
+        0.8, 0.2, //
+        -1.0, 0.0, //
+        0.7, 0.3, //
+        0.0, 1.0, //
+        0.5, 0.5, //
+        0.6, 0.4,
+    ];
+    let m = Matrix::new(8, 2, data);
+    let l1 = [9.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 2.0];
+    let a = dart(&m, &l1, 6, 1, 3);
+    assert_eq!(a.representative, vec![0, 3, 5]);
+}
+
+#[test]
+fn sparsevlm_recycling_stays_within_the_kept_count() {
+    let m = random_matrix(40, 4, 6);
+    let scores: Vec<f32> = (0..40).map(|i| i as f32).collect();
+    let a = sparsevlm_recycle(&scores, 10, &m);
+    assert_eq!(a.len(), 10);
+    // The top scorers are kept as they are; the cluster tokens come from the best pruned ones.
+    let singles: Vec<usize> = a
+        .rows
+        .iter()
+        .filter(|r| r.len() == 1)
+        .map(|r| r[0].0)
+        .collect();
+    assert!(singles.contains(&39) && singles.contains(&32));
+    let recycled: Vec<usize> = a
+        .rows
+        .iter()
+        .filter(|r| r.len() > 1)
+        .flatten()
+        .map(|&(i, _)| i)
+        .collect();
+    assert!(
+        recycled.iter().all(|&i| (22..32).contains(&i)),
+        "{recycled:?}"
+    );
+}
+
+// ---------------------------------------------------------------- signals
+
+/// The (h, t, t) attention probabilities, materialised, for sample 0.
+fn full_attention(q: &Tensor, k: &Tensor, layout: &RowLayout) -> Vec<Vec<Vec<f32>>> {
+    let hd = q.dim(3).unwrap() as f32;
+    let scores: Vec<Vec<Vec<f32>>> = q
+        .i(0)
+        .unwrap()
+        .matmul(&k.i(0).unwrap().t().unwrap())
+        .unwrap()
+        .to_vec3()
+        .unwrap();
+    scores
+        .into_iter()
+        .map(|head| {
+            head.into_iter()
+                .enumerate()
+                .map(|(i, row)| {
+                    let logits: Vec<f32> = row
+                        .iter()
+                        .enumerate()
+                        .map(|(j, v)| {
+                            if layout.visible(i, j) {
+                                v / hd.sqrt()
+                            } else {
+                                f32::NEG_INFINITY
+                            }
+                        })
+                        .collect();
+                    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                    let exp: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
+                    let total: f32 = exp.iter().sum();
+                    exp.iter().map(|e| e / total).collect()
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn query_rows_and_received_attention_match_the_full_matrix() {
+    let (h, t, hd) = (3, 9, 4);
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let mut draw =
+        |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect() };
+    let q = Tensor::from_vec(draw(h * t * hd), (1, h, t, hd), &Device::Cpu).unwrap();
+    let k = Tensor::from_vec(draw(h * t * hd), (1, h, t, hd), &Device::Cpu).unwrap();
+    let positions: Vec<u32> = (0..t as u32).collect();
+    let is_image = [false, true, true, true, true, false, false, false, false];
+    let valid = [true, true, true, true, true, true, true, true, false];
+    let layout = RowLayout {
+        positions: &positions,
+        is_image: &is_image,
+        valid: &valid,
+        key_bias: None,
+    };
+    let full = full_attention(&q, &k, &layout);
+    let row = signals::query_attention(&q, &k, 0, &layout, &[7], HeadReduce::Mean).unwrap();
+    for j in 0..t {
+        let expected: f32 = (0..h).map(|hh| full[hh][7][j]).sum::<f32>() / h as f32;
+        assert_close(row[j], expected, 1e-5, "one query row");
+    }
+    assert_eq!(row[8], 0.0, "an invalid key gets nothing");
+    let summed = signals::query_attention(&q, &k, 0, &layout, &[5, 6], HeadReduce::Sum).unwrap();
+    for j in 0..t {
+        let expected: f32 = (0..h)
+            .map(|hh| (full[hh][5][j] + full[hh][6][j]) / 2.0)
+            .sum();
+        assert_close(summed[j], expected, 1e-5, "two query rows, head sum");
+    }
+    let queries = [1, 2, 3, 4];
+    let received = signals::attention_received(&q, &k, 0, &layout, &queries, 3).unwrap();
+    for j in 0..t {
+        let expected: f32 = queries
+            .iter()
+            .map(|&i| (0..h).map(|hh| full[hh][i][j]).sum::<f32>() / h as f32)
+            .sum();
+        assert_close(received[j], expected, 1e-5, "chunked column sums");
+    }
+    let metric = signals::key_metric(&k, 0, &[1, 3]).unwrap();
+    let direct = k
+        .i((0, .., 3))
+        .unwrap()
+        .mean(0)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert_eq!(metric.row(1), &direct[..]);
+    let l1 = signals::key_l1(&k, 0, &[2]).unwrap();
+    let direct: f32 = k
+        .i((0, .., 2))
+        .unwrap()
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert_close(l1[0], direct, 1e-6, "key L1");
+}
+
+// ---------------------------------------------------------------- plans and budgets
+
+#[test]
+fn invalid_plans_are_clear_errors() {
+    let check = |json: &str, expected: &str| {
+        let result: Result<Plan, _> = serde_json::from_str(json);
+        let message = match result {
+            Err(e) => e.to_string(),
+            Ok(plan) => plan.validate(4).unwrap_err().to_string(),
+        };
+        assert!(message.contains(expected), "{json}: {message}");
+    };
+    check(
+        r#"{"stages":[{"layer":4,"method":"fastv","keep":0.5}]}"#,
+        "layer 4 is out of range",
+    );
+    check(
+        r#"{"stages":[{"layer":1,"method":"fastv","keep":1.5}]}"#,
+        "keep 1.5 is outside (0, 1]",
+    );
+    check(
+        r#"{"stages":[{"layer":1,"method":"fastv","keep":0}]}"#,
+        "keep 0 is outside (0, 1]",
+    );
+    check(
+        r#"{"stages":[{"layer":1,"method":"shrink","keep":0.5}]}"#,
+        "unknown variant `shrink`",
+    );
+    check(
+        r#"{"stages":[{"layer":1,"method":"pool"}]}"#,
+        "pool needs \"window\"",
+    );
+    check(
+        r#"{"stages":[{"layer":1,"method":"fastv","keep":0.5,"window":2}]}"#,
+        "\"window\" does not apply to fastv",
+    );
+    check(
+        r#"{"stages":[{"layer":1,"method":"pdrop","keep":0.25},{"layer":2,"method":"pdrop","keep":0.5}]}"#,
+        "a stage cannot add tokens",
+    );
+    check(
+        r#"{"stages":[{"layer":2,"method":"pdrop","keep":0.5},{"layer":1,"method":"pdrop","keep":0.25}]}"#,
+        "must come after",
+    );
+    check(
+        r#"{"stages":[{"layer":1,"method":"fastv","keep":0.5,"ratio":3}]}"#,
+        "unknown field `ratio`",
+    );
+}
+
+#[test]
+fn every_method_is_fitted_within_every_standard_budget() {
+    for g in [
+        Geometry {
+            n_layers: 6,
+            grid: 8,
+        },
+        Geometry {
+            n_layers: 4,
+            grid: 16,
+        },
+    ] {
+        for &budget in &STANDARD_BUDGETS {
+            for method in Method::ALL {
+                let plan = fit(method, budget, g)
+                    .unwrap_or_else(|e| panic!("{method:?} at {budget}: {e}"));
+                plan.validate(g.n_layers).unwrap();
+                let share = plan.equivalent_share(g.n_layers, g.n0(), g.grid);
+                assert!(share <= budget + 1e-12, "{method:?}: {share} > {budget}");
+                assert!(share > 0.0);
+            }
+        }
+    }
+    // The literature's layers scaled to depth: FastV's K = 2 of 32 on 16 layers is layer 1, and
+    // (64 + 15k) / 16 ≤ 0.333 · 64 gives k = 18.
+    let plan = fit(
+        Method::Fastv,
+        0.333,
+        Geometry {
+            n_layers: 16,
+            grid: 8,
+        },
+    )
+    .unwrap();
+    assert_eq!(plan.stages[0].layer, 1);
+    assert_eq!(plan.stages[0].keep, Some(18.0 / 64.0));
+    assert!(
+        fit(
+            Method::Fastv,
+            0.0,
+            Geometry {
+                n_layers: 6,
+                grid: 8
+            }
+        )
+        .is_err()
+    );
+}
+
+// ---------------------------------------------------------------- plans inside a model
+
+const SPECIAL: [u32; 7] = [0, 1, 2, 3, 4, 5, 6]; // pad, bos, eos, image_start, image_end, patch, summary
+
+fn tiny_model(summary: bool) -> NativeModel {
+    let shape = Shape {
+        d_model: 32,
+        n_layers: 4,
+        n_heads: 4,
+        d_ff: 48,
+    };
+    let mut config = ModelConfig::from_shape(shape, 40, 12, 4, 128);
+    config.summary_token = summary;
+    NativeModel::new(config, 3, &Device::Cpu).unwrap()
+}
+
+/// Prompts `bos img_start patch×16 img_end [summary] question…` with `question_lens` question tokens.
+fn prompts(model: &NativeModel, question_lens: &[usize], seed: u64) -> Inputs {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let n = model.config.image_grid.pow(2);
+    let summary = model.config.summary_token;
+    let lens: Vec<usize> = question_lens
+        .iter()
+        .map(|q| 3 + n + usize::from(summary) + q)
+        .collect();
+    let t = *lens.iter().max().unwrap();
+    let b = question_lens.len();
+    let mut tokens = vec![SPECIAL[0]; b * t];
+    for (s, &q) in question_lens.iter().enumerate() {
+        let mut row = vec![SPECIAL[1], SPECIAL[3]];
+        row.extend(std::iter::repeat_n(SPECIAL[5], n));
+        row.push(SPECIAL[4]);
+        if summary {
+            row.push(SPECIAL[6]);
+        }
+        row.extend((0..q).map(|_| rng.random_range(7..40u32)));
+        tokens[s * t..s * t + row.len()].copy_from_slice(&row);
+    }
+    let patches: Vec<f32> = (0..b * n * model.config.patch_dim)
+        .map(|_| rng.random_range(-1.0f32..1.0))
+        .collect();
+    Inputs {
+        tokens: Tensor::from_vec(tokens, (b, t), &Device::Cpu).unwrap(),
+        patches: Tensor::from_vec(patches, (b, n, model.config.patch_dim), &Device::Cpu).unwrap(),
+        image_starts: vec![Some(2); b],
+        lengths: lens,
+    }
+}
+
+fn one_sample(inputs: &Inputs, s: usize) -> Inputs {
+    let len = inputs.lengths[s];
+    Inputs {
+        tokens: inputs.tokens.i((s..s + 1, ..len)).unwrap(),
+        patches: inputs.patches.i(s..s + 1).unwrap(),
+        image_starts: vec![inputs.image_starts[s]],
+        lengths: vec![len],
+    }
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+fn plans_for(g: Geometry) -> Vec<Plan> {
+    let mut plans: Vec<Plan> = Method::ALL
+        .iter()
+        .map(|&m| fit(m, 0.3, g).unwrap())
+        .collect();
+    plans.push(fit(Method::Pool, 0.1, g).unwrap());
+    plans
+}
+
+#[test]
+fn a_plan_keeping_everything_leaves_the_logits_unchanged() {
+    let model = tiny_model(false);
+    let inputs = prompts(&model, &[3, 5], 1);
+    let full = model
+        .prefill(&inputs, &mut NoHook, &mut KvCache::default())
+        .unwrap();
+    for method in [Method::Fastv, Method::Pdrop, Method::Tome, Method::Random] {
+        let plan = Plan {
+            name: "keep-all".into(),
+            proportional_attention: true,
+            stages: vec![Stage::new(1, method, 1.0)],
+        };
+        let mut hook = FoldHook::new(&model, &plan);
+        let logits = model
+            .prefill(&inputs, &mut hook, &mut KvCache::default())
+            .unwrap();
+        assert!(max_diff(&full, &logits) < 1e-5, "{method:?}");
+    }
+}
+
+#[test]
+fn the_measured_budget_equals_the_tokens_that_pass_and_the_plan() {
+    for summary in [false, true] {
+        let model = tiny_model(summary);
+        let g = Geometry::of(&model.config);
+        let inputs = prompts(&model, &[3, 6, 4], 2);
+        for plan in plans_for(g) {
+            let mut hook = FoldHook::new(&model, &plan);
+            let mut cache = KvCache::default();
+            model.prefill(&inputs, &mut hook, &mut cache).unwrap();
+            let planned = plan.planned_tokens(g.n_layers, g.n0(), g.grid);
+            let measured = hook.trace.mean_entering();
+            for (layer, (&p, &m)) in planned.iter().zip(&measured).enumerate() {
+                assert_eq!(p as f64, m, "{}: layer {layer}", plan.name);
+            }
+            assert_eq!(hook.trace.samples, 3);
+            let share = hook.trace.equivalent_share();
+            assert!((share - plan.equivalent_share(g.n_layers, g.n0(), g.grid)).abs() < 1e-12);
+            // The KV cache of each layer holds exactly the tokens that entered it (plus text, padding).
+            for (layer, entry) in cache.layers.iter().enumerate() {
+                let entry = entry.as_ref().unwrap();
+                let text_keys = inputs.lengths.iter().sum::<usize>() - 3 * g.n0();
+                let visual_keys = entry.valid.iter().filter(|&&v| v).count() - text_keys;
+                assert_eq!(
+                    visual_keys,
+                    3 * planned[layer],
+                    "{}: cache of layer {layer}",
+                    plan.name
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn each_sample_of_a_batch_is_reduced_as_if_alone() {
+    let model = tiny_model(true);
+    let g = Geometry::of(&model.config);
+    let inputs = prompts(&model, &[2, 7, 4], 3);
+    for plan in plans_for(g) {
+        let mut hook = FoldHook::new(&model, &plan);
+        let batched = model
+            .prefill(&inputs, &mut hook, &mut KvCache::default())
+            .unwrap();
+        // Random draws are seeded by the sample's index in its batch, so a lone sample draws differently.
+        if plan.stages[0].method == Method::Random {
+            continue;
+        }
+        for s in 0..3 {
+            let single = one_sample(&inputs, s);
+            let mut hook = FoldHook::new(&model, &plan);
+            let alone = model
+                .prefill(&single, &mut hook, &mut KvCache::default())
+                .unwrap();
+            let diff = max_diff(&batched.i(s..s + 1).unwrap(), &alone);
+            assert!(diff < 1e-4, "{}: sample {s} differs by {diff}", plan.name);
+        }
+    }
+}
+
+#[test]
+fn decoding_with_the_cache_after_a_reduced_prefill_equals_recomputation() {
+    let model = tiny_model(true);
+    let g = Geometry::of(&model.config);
+    let inputs = prompts(&model, &[3, 5], 4);
+    for plan in plans_for(g) {
+        let mut hook = FoldHook::new(&model, &plan);
+        let mut cache = KvCache::default();
+        let mut logits = model.prefill(&inputs, &mut hook, &mut cache).unwrap();
+        let mut sequences: Vec<Vec<u32>> = (0..2)
+            .map(|s| {
+                let row: Vec<u32> = inputs.tokens.i(s).unwrap().to_vec1().unwrap();
+                row[..inputs.lengths[s]].to_vec()
+            })
+            .collect();
+        let prompt_ends: Vec<u32> = inputs.lengths.iter().map(|&l| l as u32 - 1).collect();
+        for _ in 0..3 {
+            let next: Vec<u32> = logits.argmax(D::Minus1).unwrap().to_vec1().unwrap();
+            for (s, seq) in sequences.iter_mut().enumerate() {
+                seq.push(next[s]);
+            }
+            logits = model.decode_step(&next, &mut cache).unwrap();
+            // Recompute from scratch on the prompt plus the generated tokens, with the same plan.
+            for s in 0..2 {
+                let seq = &sequences[s];
+                let single = Inputs {
+                    tokens: Tensor::from_vec(seq.clone(), (1, seq.len()), &Device::Cpu).unwrap(),
+                    patches: inputs.patches.i(s..s + 1).unwrap(),
+                    image_starts: vec![Some(2)],
+                    lengths: vec![seq.len()],
+                };
+                let mut hook = FoldHook::new(&model, &plan);
+                hook.prompt_ends = Some(vec![prompt_ends[s]]);
+                let state = model
+                    .forward(model.embed(&single).unwrap(), &mut hook, None)
+                    .unwrap();
+                let t = state.len();
+                let last = (0..t)
+                    .filter(|&j| state.valid[j])
+                    .max_by_key(|&j| state.positions[j])
+                    .unwrap();
+                let recomputed = model
+                    .logits(&state.hidden.i((0, last..last + 1)).unwrap())
+                    .unwrap();
+                // Random draws are seeded by the batch index; sample 0 has index 0 in both runs.
+                if plan.stages[0].method == Method::Random && s == 1 {
+                    continue;
+                }
+                let diff = max_diff(&logits.i(s..s + 1).unwrap(), &recomputed);
+                assert!(diff < 1e-4, "{}: sample {s} differs by {diff}", plan.name);
+            }
+        }
+    }
+}
