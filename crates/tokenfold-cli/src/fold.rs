@@ -16,6 +16,7 @@ use tokenfold_model::train::{RunDir, default_device};
 use tokenfold_model::{KvCache, NativeModel};
 
 use crate::model::{checked_assets, load_image, parse_tasks};
+use crate::plot::{self, Chart, Series};
 
 #[derive(Subcommand)]
 pub enum FoldCommand {
@@ -330,6 +331,42 @@ fn run_compare(args: CompareArgs, paths: &DataPaths) -> Result<()> {
     let json_path = args.out.join("compare.json");
     tokenfold_fold::write_atomic(&json_path, serde_json::to_string_pretty(&json)?.as_bytes())?;
     println!("wrote {} and {}", md_path.display(), json_path.display());
+    let mut series: Vec<Series> = Vec::new();
+    for (budget, report) in &reports {
+        if budget.is_none() {
+            continue;
+        }
+        let point = (
+            100.0 * report.budget.flops_share,
+            100.0 * report.mean_accuracy,
+        );
+        match series.iter_mut().find(|s| s.name == report.plan.name) {
+            Some(s) => s.points.push(point),
+            None => series.push(Series {
+                name: report.plan.name.clone(),
+                points: vec![point],
+            }),
+        }
+    }
+    for s in &mut series {
+        s.points.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+    if let Some(full) = full.first() {
+        series.push(Series {
+            name: "full model".into(),
+            points: vec![(100.0, 100.0 * full.mean_accuracy)],
+        });
+    }
+    let title = format!("Accuracy against prefill FLOPs ({})", args.model.display());
+    let chart = Chart {
+        title: &title,
+        x_label: "prefill FLOPs, % of the full model",
+        y_label: "mean accuracy over image-task sets, %",
+        log_x: false,
+        series: &series,
+    };
+    let (svg, png) = plot::save(&chart, &args.out.join("accuracy-flops"))?;
+    println!("wrote {} and {}", svg.display(), png.display());
     Ok(())
 }
 

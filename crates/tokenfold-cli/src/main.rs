@@ -5,6 +5,7 @@ mod data;
 mod demo;
 mod fold;
 mod model;
+mod plot;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -304,6 +304,8 @@ fn train_eval_and_ask_run_end_to_end() {
     let compared: serde_json::Value =
         serde_json::from_slice(&std::fs::read(results.join("compare.json")).unwrap()).unwrap();
     assert_eq!(compared.as_array().unwrap().len(), 5);
+    assert!(results.join("accuracy-flops.svg").is_file());
+    assert!(image::open(results.join("accuracy-flops.png")).is_ok());
     let kept = dir.path().join("kept.png");
     let out = tokenfold(
         dir.path(),

@@ -12,14 +12,14 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use candle_core::{IndexOp, Result, Tensor};
+use candle_core::{Result, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use tokenfold_model::{LayerHook, NativeModel, SeqState};
 
 use crate::ops::{self, Assignment, Matrix};
 use crate::plan::{Method, Plan, Stage};
-use crate::signals::{self, HeadReduce, RowLayout};
+use crate::signals::{HeadReduce, QueriesKeys, RowLayout};
 
 /// Where each sample's image and prompt are, read from the sequence at layer 0.
 #[derive(Debug, Clone)]
@@ -181,42 +181,49 @@ impl<'a> FoldHook<'a> {
     /// tokens of V·Tᵀ; the raters are the text tokens with m above its mean.
     fn choose_raters(&mut self, state: &SeqState) -> Result<()> {
         let t = state.len();
-        for s in 0..state.batch() {
+        let hidden: Vec<Vec<Vec<f32>>> = state.hidden.to_vec3()?;
+        for (s, hidden) in hidden.iter().enumerate() {
             let layout = &self.layouts[s];
             let Some(start) = layout.image_start else {
                 continue;
             };
             let image_end = start + layout.n0 as u32;
-            let rows = |pred: &dyn Fn(u32, usize) -> bool| -> Vec<usize> {
-                (0..t)
-                    .filter(|&j| state.valid[s * t + j] && pred(state.positions[s * t + j], j))
-                    .collect()
-            };
-            let visual = rows(&|_, j| state.is_image[s * t + j]);
-            let summary = layout.summary;
-            let text = rows(&|p, _| p > image_end && p <= layout.query && Some(p) != summary);
+            let valid = |j: usize| state.valid[s * t + j];
+            let position = |j: usize| state.positions[s * t + j];
+            let visual: Vec<usize> = (0..t)
+                .filter(|&j| valid(j) && state.is_image[s * t + j])
+                .collect();
+            let text: Vec<usize> = (0..t)
+                .filter(|&j| {
+                    valid(j)
+                        && position(j) > image_end
+                        && position(j) <= layout.query
+                        && Some(position(j)) != layout.summary
+                })
+                .collect();
             if text.is_empty() || visual.is_empty() {
                 continue;
             }
-            let hidden = state.hidden.i(s)?;
-            let v = hidden.index_select(&index(&visual, hidden.device())?, 0)?;
-            let tx = hidden.index_select(&index(&text, hidden.device())?, 0)?;
-            let logits = v.matmul(&tx.t()?)?; // (n, r)
-            let max = logits.max_keepdim(1)?;
-            let exp = logits.broadcast_sub(&max)?.exp()?;
-            let m: Vec<f32> = exp
-                .broadcast_div(&exp.sum_keepdim(1)?)?
-                .mean(0)?
-                .to_vec1()?;
+            let dot = |a: &[f32], b: &[f32]| -> f32 { a.iter().zip(b).map(|(x, y)| x * y).sum() };
+            let mut m = vec![0f32; text.len()];
+            for &v in &visual {
+                let logits: Vec<f32> = text.iter().map(|&j| dot(&hidden[v], &hidden[j])).collect();
+                let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let exp: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
+                let total: f32 = exp.iter().sum();
+                for (acc, e) in m.iter_mut().zip(&exp) {
+                    *acc += e / total / visual.len() as f32;
+                }
+            }
             let mean = m.iter().sum::<f32>() / m.len() as f32;
             let mut raters: Vec<u32> = text
                 .iter()
                 .zip(&m)
                 .filter(|(_, v)| **v > mean)
-                .map(|(&j, _)| state.positions[s * t + j])
+                .map(|(&j, _)| position(j))
                 .collect();
             if raters.is_empty() {
-                raters = text.iter().map(|&j| state.positions[s * t + j]).collect();
+                raters = text.iter().map(|&j| position(j)).collect();
             }
             self.layouts[s].raters = raters;
         }
@@ -247,27 +254,36 @@ impl<'a> FoldHook<'a> {
         }
     }
 
+    /// Runs one stage on every sample, then rebuilds the batch with one batched matmul: each new row is a
+    /// mix of old rows (one-hot for kept and text tokens, size-weighted for merged ones).
     fn run_stage(&mut self, stage: &Stage, state: &mut SeqState) -> Result<()> {
         let layer = stage.layer;
         let needs_qk = !matches!(stage.method, Method::Pool | Method::Random);
         let qk = if !needs_qk {
             None
         } else if stage.method.uses_previous_layer() && layer > 0 {
-            Some(state.captured.take().ok_or_else(|| {
+            let (q, k) = state.captured.take().ok_or_else(|| {
                 candle_core::Error::Msg(format!(
                     "stage at layer {layer}: the previous layer's keys were not captured"
                 ))
-            })?)
+            })?;
+            Some(QueriesKeys::from_tensors(&q, &k)?)
         } else {
-            Some(self.model.layer_queries_keys(layer, state)?)
+            let (q, k) = self.model.layer_queries_keys(layer, state)?;
+            Some(QueriesKeys::from_tensors(&q, &k)?)
+        };
+        // DART compares final-normed hidden states.
+        let normed: Option<Vec<Vec<Vec<f32>>>> = if stage.method == Method::Dart {
+            Some(self.model.final_norm(&state.hidden)?.to_vec3()?)
+        } else {
+            None
         };
         let (b, t) = (state.batch(), state.len());
         let key_bias: Option<Vec<f32>> = match &state.key_bias {
             Some(kb) => Some(kb.flatten_all()?.to_vec1()?),
             None => None,
         };
-        // Per sample: rows kept as they are, and new visual tokens (tensor, positions, sizes).
-        let mut per_sample = Vec::with_capacity(b);
+        let mut samples: Vec<Vec<NewRow>> = Vec::with_capacity(b);
         let mut stage_groups: Vec<Vec<Vec<u32>>> = Vec::with_capacity(b);
         for s in 0..b {
             let rows = s * t..(s + 1) * t;
@@ -280,101 +296,112 @@ impl<'a> FoldHook<'a> {
             let visual: Vec<usize> = (0..t)
                 .filter(|&j| layout.valid[j] && layout.is_image[j])
                 .collect();
-            let others: Vec<usize> = (0..t)
+            let mut new_rows: Vec<NewRow> = (0..t)
                 .filter(|&j| layout.valid[j] && !layout.is_image[j])
+                .map(|j| NewRow::copy(j, layout.positions[j], false, 1.0))
                 .collect();
             let sample = &self.layouts[s];
+            let start = sample.image_start.unwrap_or(0);
             let n = visual.len();
             let target = stage.kept_count(n, sample.n0, self.grid());
+            let positions: Vec<u32> = visual.iter().map(|&j| layout.positions[j]).collect();
+            let size_of = |p: u32| self.sizes[s].get(&(p - start)).copied().unwrap_or(1.0);
             if n == 0 || (n <= target && stage.method != Method::Pool) {
+                new_rows.extend(
+                    visual
+                        .iter()
+                        .zip(&positions)
+                        .map(|(&j, &p)| NewRow::copy(j, p, true, size_of(p))),
+                );
                 if self.record_groups {
-                    let start = sample.image_start.unwrap_or(0);
                     stage_groups.push(
-                        visual
+                        positions
                             .iter()
-                            .map(|&j| {
+                            .map(|p| {
                                 self.members[s]
-                                    .get(&(layout.positions[j] - start))
+                                    .get(&(p - start))
                                     .cloned()
                                     .unwrap_or_default()
                             })
                             .collect(),
                     );
                 }
-                per_sample.push((others, visual, None));
-                continue;
-            }
-            let assignment = self.assign(stage, s, qk.as_ref(), &layout, &visual, target, state)?;
-            let start = sample.image_start.unwrap_or(0);
-            let positions: Vec<u32> = visual.iter().map(|&j| layout.positions[j]).collect();
-            let assignment = assignment.sorted_by(&positions);
-            let sizes_in: Vec<f32> = positions
-                .iter()
-                .map(|p| self.sizes[s].get(&(p - start)).copied().unwrap_or(1.0))
-                .collect();
-            let x = state
-                .hidden
-                .i(s)?
-                .index_select(&index(&visual, state.hidden.device())?, 0)?;
-            let (x_new, sizes_new) = ops::apply(&x, &sizes_in, &assignment)?;
-            let new_positions: Vec<u32> = assignment
-                .representative
-                .iter()
-                .map(|&r| positions[r])
-                .collect();
-            self.sizes[s] = new_positions
-                .iter()
-                .zip(&sizes_new)
-                .map(|(&p, &size)| (p - start, size))
-                .collect();
-            if self.record_groups {
-                let groups: Vec<Vec<u32>> = assignment
-                    .rows
+            } else {
+                let inputs = StageInputs {
+                    s,
+                    qk: qk.as_ref(),
+                    normed: normed.as_ref().map(|n| &n[s]),
+                    layout: &layout,
+                    visual: &visual,
+                };
+                let assignment = self.assign(stage, &inputs, target)?.sorted_by(&positions);
+                let sizes_in: Vec<f32> = positions.iter().map(|&p| size_of(p)).collect();
+                let (mixing, sizes_new) = assignment.mixing(&sizes_in)?;
+                let new_positions: Vec<u32> = assignment
+                    .representative
                     .iter()
-                    .zip(&assignment.representative)
-                    .map(|(row, &rep)| {
-                        let mut patches = self.members[s]
-                            .get(&(positions[rep] - start))
-                            .cloned()
-                            .unwrap_or_default();
-                        for &(i, _) in row.iter().filter(|(i, _)| *i != rep) {
-                            patches.extend(
-                                self.members[s]
-                                    .get(&(positions[i] - start))
-                                    .cloned()
-                                    .unwrap_or_default(),
-                            );
-                        }
-                        patches
-                    })
+                    .map(|&r| positions[r])
                     .collect();
-                self.members[s] = groups
+                for ((mix, &p), &size) in mixing.iter().zip(&new_positions).zip(&sizes_new) {
+                    new_rows.push(NewRow {
+                        position: p,
+                        is_image: true,
+                        size,
+                        mix: mix.iter().map(|&(i, m)| (visual[i], m)).collect(),
+                    });
+                }
+                if self.record_groups {
+                    let groups: Vec<Vec<u32>> = assignment
+                        .rows
+                        .iter()
+                        .zip(&assignment.representative)
+                        .map(|(row, &rep)| {
+                            let mut patches = self.members[s]
+                                .get(&(positions[rep] - start))
+                                .cloned()
+                                .unwrap_or_default();
+                            for &(i, _) in row.iter().filter(|(i, _)| *i != rep) {
+                                patches.extend(
+                                    self.members[s]
+                                        .get(&(positions[i] - start))
+                                        .cloned()
+                                        .unwrap_or_default(),
+                                );
+                            }
+                            patches
+                        })
+                        .collect();
+                    self.members[s] = groups
+                        .iter()
+                        .zip(&new_positions)
+                        .map(|(g, &p)| (p - start, g.clone()))
+                        .collect();
+                    stage_groups.push(groups);
+                }
+                self.sizes[s] = new_positions
                     .iter()
-                    .zip(&new_positions)
-                    .map(|(g, &p)| (p - start, g.clone()))
+                    .zip(&sizes_new)
+                    .map(|(&p, &size)| (p - start, size))
                     .collect();
-                stage_groups.push(groups);
             }
-            per_sample.push((others, Vec::new(), Some((x_new, new_positions))));
+            new_rows.sort_by_key(|r| r.position);
+            samples.push(new_rows);
         }
         if self.record_groups {
             self.groups.push((layer, stage_groups));
         }
-        self.rebuild(state, per_sample)
+        self.rebuild(state, &samples)
     }
 
-    /// The assignment of one sample's `visual` rows for `stage`, keeping `target` tokens.
-    #[allow(clippy::too_many_arguments)]
-    fn assign(
-        &self,
-        stage: &Stage,
-        s: usize,
-        qk: Option<&(Tensor, Tensor)>,
-        layout: &RowLayout,
-        visual: &[usize],
-        target: usize,
-        state: &SeqState,
-    ) -> Result<Assignment> {
+    /// The assignment of one sample's visual rows for `stage`, keeping `target` tokens.
+    fn assign(&self, stage: &Stage, inputs: &StageInputs, target: usize) -> Result<Assignment> {
+        let StageInputs {
+            s,
+            qk,
+            normed,
+            layout,
+            visual,
+        } = *inputs;
         let n = visual.len();
         let sample = &self.layouts[s];
         let t = layout.positions.len();
@@ -390,15 +417,12 @@ impl<'a> FoldHook<'a> {
                 let Some(query) = position.and_then(row_of) else {
                     return Ok(None);
                 };
-                let (q, k) = qk()?;
-                Ok(Some(at_visual(signals::query_attention(
-                    q,
-                    k,
+                Ok(Some(at_visual(qk()?.query_attention(
                     s,
                     layout,
                     &[query],
                     heads,
-                )?)))
+                ))))
             };
         Ok(match stage.method {
             Method::Fastv | Method::Pdrop => {
@@ -407,29 +431,25 @@ impl<'a> FoldHook<'a> {
                 ops::prune(&scores, target)
             }
             Method::Sparsevlm => {
-                let (q, k) = qk()?;
+                let qk = qk()?;
                 let raters: Vec<usize> = sample.raters.iter().filter_map(|&p| row_of(p)).collect();
                 let raters = if raters.is_empty() {
                     row_of(sample.query).into_iter().collect()
                 } else {
                     raters
                 };
-                let scores = at_visual(signals::query_attention(
-                    q,
-                    k,
-                    s,
-                    layout,
-                    &raters,
-                    HeadReduce::Mean,
-                )?);
+                let scores = at_visual(qk.query_attention(s, layout, &raters, HeadReduce::Mean));
                 if stage.recycle.unwrap_or(false) {
-                    sparsevlm_recycle(&scores, target, &signals::key_metric(k, s, visual)?)
+                    sparsevlm_recycle(&scores, target, &qk.key_metric(s, visual))
                 } else {
                     ops::prune(&scores, target)
                 }
             }
             Method::Dart => {
-                let (_, k) = qk()?;
+                let qk = qk()?;
+                let normed = normed.ok_or_else(|| {
+                    candle_core::Error::Msg("DART needs the final-normed hidden states".into())
+                })?;
                 let pivots = stage.pivots.unwrap_or(4);
                 let image_start = sample.image_start.unwrap_or(0);
                 let text: Vec<usize> = (0..t)
@@ -440,23 +460,19 @@ impl<'a> FoldHook<'a> {
                             && layout.positions[j] <= sample.query
                     })
                     .collect();
-                let mut rows = visual.to_vec();
-                rows.extend(&text);
-                let hidden = state
-                    .hidden
-                    .i(s)?
-                    .index_select(&index(&rows, state.hidden.device())?, 0)?;
-                let normed = Matrix::from_tensor(&self.model.final_norm(&hidden)?)?;
-                let l1 = signals::key_l1(k, s, &rows)?;
-                dart(&normed, &l1, n, pivots, target)
+                let rows: Vec<usize> = visual.iter().chain(&text).copied().collect();
+                let cols = normed.first().map_or(0, Vec::len);
+                let hidden = Matrix::new(
+                    rows.len(),
+                    cols,
+                    rows.iter()
+                        .flat_map(|&j| normed[j].iter().copied())
+                        .collect(),
+                );
+                dart(&hidden, &qk.key_l1(s, &rows), n, pivots, target)
             }
-            Method::Tome => {
-                let (_, k) = qk()?;
-                let metric = signals::key_metric(k, s, visual)?;
-                tome_to(&metric, target)
-            }
+            Method::Tome => tome_to(&qk()?.key_metric(s, visual), target),
             Method::Visionzip | Method::Prumerge => {
-                let (q, k) = qk()?;
                 let heads = if stage.method == Method::Visionzip {
                     HeadReduce::Sum
                 } else {
@@ -465,9 +481,9 @@ impl<'a> FoldHook<'a> {
                 let scores = match row_attention(sample.summary, heads)? {
                     Some(scores) => scores,
                     // No summary token: attention received from all image queries (the SigLIP port).
-                    None => at_visual(signals::attention_received(q, k, s, layout, visual, 64)?),
+                    None => at_visual(qk()?.attention_received(s, layout, visual)),
                 };
-                let metric = signals::key_metric(k, s, visual)?;
+                let metric = qk()?.key_metric(s, visual);
                 if stage.method == Method::Visionzip {
                     visionzip(&scores, &metric, target, stage.contextual_share())
                 } else {
@@ -493,109 +509,31 @@ impl<'a> FoldHook<'a> {
         })
     }
 
-    /// Rebuilds the batch from each sample's kept rows and new visual tokens, in position order, padded
-    /// to the longest sample with invalid rows.
-    #[allow(clippy::type_complexity)]
-    fn rebuild(
-        &self,
-        state: &mut SeqState,
-        per_sample: Vec<(Vec<usize>, Vec<usize>, Option<(Tensor, Vec<u32>)>)>,
-    ) -> Result<()> {
-        let (t, d) = (state.len(), state.hidden.dim(2)?);
-        let device = state.hidden.device().clone();
-        struct Row {
-            position: u32,
-            is_image: bool,
-            size: f32,
-        }
-        let mut samples = Vec::with_capacity(per_sample.len());
-        for (s, (others, visual, new)) in per_sample.into_iter().enumerate() {
-            let mut kept = others;
-            kept.extend(visual);
-            let start = self.layouts[s].image_start.unwrap_or(0);
-            let size_of = |position: u32, is_image: bool| {
-                if is_image {
-                    self.sizes[s]
-                        .get(&(position - start))
-                        .copied()
-                        .unwrap_or(1.0)
-                } else {
-                    1.0
-                }
-            };
-            let mut rows: Vec<Row> = kept
-                .iter()
-                .map(|&j| {
-                    let (position, is_image) =
-                        (state.positions[s * t + j], state.is_image[s * t + j]);
-                    Row {
-                        position,
-                        is_image,
-                        size: size_of(position, is_image),
-                    }
-                })
-                .collect();
-            let old = state
-                .hidden
-                .i(s)?
-                .index_select(&index(&kept, &device)?, 0)?;
-            let hidden = match new {
-                Some((x_new, positions)) => {
-                    rows.extend(positions.iter().map(|&position| Row {
-                        position,
-                        is_image: true,
-                        size: size_of(position, true),
-                    }));
-                    Tensor::cat(&[&old, &x_new], 0)?
-                }
-                None => old,
-            };
-            let mut order: Vec<usize> = (0..rows.len()).collect();
-            order.sort_by_key(|&r| rows[r].position);
-            let hidden = hidden.index_select(&index(&order, &device)?, 0)?;
-            let rows: Vec<Row> = order
-                .into_iter()
-                .map(|r| Row {
-                    position: rows[r].position,
-                    is_image: rows[r].is_image,
-                    size: rows[r].size,
-                })
-                .collect();
-            samples.push((hidden, rows));
-        }
-        let t_new = samples
-            .iter()
-            .map(|(_, r)| r.len())
-            .max()
-            .unwrap_or(1)
-            .max(1);
+    /// Rebuilds the batch: new hidden states as one batched matmul (b, t', t)·(b, t, d), samples padded to
+    /// the longest with invalid rows.
+    fn rebuild(&self, state: &mut SeqState, samples: &[Vec<NewRow>]) -> Result<()> {
+        let t = state.len();
         let b = samples.len();
-        let mut hidden = Vec::with_capacity(b);
-        let (mut positions, mut is_image, mut valid, mut key_bias) = (
-            Vec::with_capacity(b * t_new),
-            Vec::with_capacity(b * t_new),
-            Vec::with_capacity(b * t_new),
-            Vec::with_capacity(b * t_new),
-        );
-        for (h, rows) in samples {
-            let pad = t_new - rows.len();
-            hidden.push(if pad > 0 {
-                Tensor::cat(&[&h, &Tensor::zeros((pad, d), h.dtype(), &device)?], 0)?
-            } else {
-                h
-            });
-            for row in &rows {
-                positions.push(row.position);
-                is_image.push(row.is_image);
-                valid.push(true);
-                key_bias.push(row.size.ln());
+        let t_new = samples.iter().map(Vec::len).max().unwrap_or(1).max(1);
+        let mut mix = vec![0f32; b * t_new * t];
+        let n = b * t_new;
+        let (mut positions, mut is_image, mut valid, mut key_bias) =
+            (vec![0u32; n], vec![false; n], vec![false; n], vec![0f32; n]);
+        for (s, rows) in samples.iter().enumerate() {
+            for (r, row) in rows.iter().enumerate() {
+                let at = s * t_new + r;
+                for &(j, m) in &row.mix {
+                    mix[at * t + j] += m;
+                }
+                positions[at] = row.position;
+                is_image[at] = row.is_image;
+                valid[at] = true;
+                key_bias[at] = row.size.ln();
             }
-            positions.extend(std::iter::repeat_n(0, pad));
-            is_image.extend(std::iter::repeat_n(false, pad));
-            valid.extend(std::iter::repeat_n(false, pad));
-            key_bias.extend(std::iter::repeat_n(0.0, pad));
         }
-        state.hidden = Tensor::stack(&hidden, 0)?;
+        let device = state.hidden.device().clone();
+        let mix = Tensor::from_vec(mix, (b, t_new, t), &device)?.to_dtype(state.hidden.dtype())?;
+        state.hidden = mix.matmul(&state.hidden)?;
         state.positions = positions;
         state.is_image = is_image;
         state.valid = valid;
@@ -607,6 +545,36 @@ impl<'a> FoldHook<'a> {
         state.captured = None;
         Ok(())
     }
+}
+
+/// A row of the rebuilt sequence: a mix of old rows of its sample.
+struct NewRow {
+    position: u32,
+    is_image: bool,
+    size: f32,
+    /// (old row, weight) pairs; one row with weight 1 for a kept token.
+    mix: Vec<(usize, f32)>,
+}
+
+impl NewRow {
+    fn copy(row: usize, position: u32, is_image: bool, size: f32) -> NewRow {
+        NewRow {
+            position,
+            is_image,
+            size,
+            mix: vec![(row, 1.0)],
+        }
+    }
+}
+
+/// What a stage's operator sees of one sample.
+#[derive(Clone, Copy)]
+struct StageInputs<'a> {
+    s: usize,
+    qk: Option<&'a QueriesKeys>,
+    normed: Option<&'a Vec<Vec<f32>>>,
+    layout: &'a RowLayout<'a>,
+    visual: &'a [usize],
 }
 
 impl LayerHook for FoldHook<'_> {
@@ -663,14 +631,6 @@ pub fn tome_to(metric: &Matrix, target: usize) -> Assignment {
         current = Matrix::new(groups.len(), current.cols, next_rows);
     }
     Assignment::groups(n, &groups)
-}
-
-fn index(rows: &[usize], device: &candle_core::Device) -> Result<Tensor> {
-    Tensor::from_vec(
-        rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
-        rows.len(),
-        device,
-    )
 }
 
 /// SparseVLM with recycling: of the `target` tokens, some are cluster tokens made from the best 30% of the

@@ -65,13 +65,16 @@ impl Matrix {
     }
 }
 
+/// Per output token, (input index, weight) pairs.
+pub type SparseRows = Vec<Vec<(usize, f32)>>;
+
 /// Output tokens as weighted groups of input tokens (see the module docs).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Assignment {
     /// Number of input tokens.
     pub n_in: usize,
     /// Per output token: (input index, weight) pairs, weights > 0.
-    pub rows: Vec<Vec<(usize, f32)>>,
+    pub rows: SparseRows,
     /// Per output token: the input token whose position (and grid cell) it keeps.
     pub representative: Vec<usize>,
 }
@@ -117,41 +120,51 @@ impl Assignment {
         self
     }
 
-    /// The dense (n_out × n_in) matrix of `w_ji · s_i`.
-    fn weighted(&self, sizes: &[f32]) -> Vec<f32> {
-        let mut dense = vec![0f32; self.len() * self.n_in];
-        for (j, row) in self.rows.iter().enumerate() {
-            for &(i, w) in row {
-                dense[j * self.n_in + i] += w * sizes[i];
-            }
+    /// The rows as mixing weights over input tokens of sizes `sizes`: output token j is
+    /// Σ_i m_ji · x_i with m_ji = w_ji · s_i / s'_j; returns the weights (sparse rows) and the new sizes s'.
+    pub fn mixing(&self, sizes: &[f32]) -> Result<(SparseRows, Vec<f32>)> {
+        if sizes.len() != self.n_in {
+            candle_core::bail!(
+                "assignment over {} tokens applied to {} sizes",
+                self.n_in,
+                sizes.len()
+            );
         }
-        dense
+        let mut rows = Vec::with_capacity(self.len());
+        let mut new_sizes = Vec::with_capacity(self.len());
+        for (j, row) in self.rows.iter().enumerate() {
+            let total: f32 = row.iter().map(|&(i, w)| w * sizes[i]).sum();
+            if total <= 0.0 {
+                candle_core::bail!("output token {j} has no weight");
+            }
+            rows.push(
+                row.iter()
+                    .map(|&(i, w)| (i, w * sizes[i] / total))
+                    .collect(),
+            );
+            new_sizes.push(total);
+        }
+        Ok((rows, new_sizes))
     }
 }
 
 /// Applies an assignment to tokens `x` (n, d) of sizes `sizes`: returns the output tokens (k, d) and sizes.
 pub fn apply(x: &Tensor, sizes: &[f32], assignment: &Assignment) -> Result<(Tensor, Vec<f32>)> {
     let (n, _) = x.dims2()?;
-    if n != assignment.n_in || sizes.len() != n {
+    if n != assignment.n_in {
         candle_core::bail!(
-            "assignment over {} tokens applied to {n} tokens with {} sizes",
-            assignment.n_in,
-            sizes.len()
+            "assignment over {} tokens applied to {n} tokens",
+            assignment.n_in
         );
     }
-    let k = assignment.len();
-    let dense = assignment.weighted(sizes);
-    let new_sizes: Vec<f32> = dense.chunks(n.max(1)).map(|r| r.iter().sum()).collect();
-    if let Some(j) = new_sizes.iter().position(|&s| s <= 0.0) {
-        candle_core::bail!("output token {j} has no weight");
+    let (rows, new_sizes) = assignment.mixing(sizes)?;
+    let mut dense = vec![0f32; rows.len() * n];
+    for (j, row) in rows.iter().enumerate() {
+        for &(i, m) in row {
+            dense[j * n + i] += m;
+        }
     }
-    // Rows normalised by their total weight: x' = (W·diag(s) / s') · x.
-    let normalised: Vec<f32> = dense
-        .chunks(n.max(1))
-        .zip(&new_sizes)
-        .flat_map(|(row, &total)| row.iter().map(move |w| w / total))
-        .collect();
-    let weights = Tensor::from_vec(normalised, (k, n), x.device())?.to_dtype(x.dtype())?;
+    let weights = Tensor::from_vec(dense, (rows.len(), n), x.device())?.to_dtype(x.dtype())?;
     Ok((weights.matmul(x)?, new_sizes))
 }
 

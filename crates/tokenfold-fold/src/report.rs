@@ -30,7 +30,7 @@ pub struct BudgetFigures {
     pub flops_share: f64,
 }
 
-/// Prefill latency on one batch, median of repeats.
+/// Prefill latency on one batch, fastest of repeats.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Latency {
     pub batch: usize,
@@ -109,7 +109,8 @@ pub fn evaluate_plan(
 }
 
 /// Prefill latency of one batch of `batch` image prompts (drawn from the image-task sets), full model and
-/// with `plan`: the median of `repeats` timed runs after one warm-up each.
+/// with `plan`: the fastest of `repeats` timed runs after one warm-up each (the minimum is the least
+/// disturbed by other work on the machine).
 pub fn measure_latency(
     model: &NativeModel,
     tokenizer: &TextTokenizer,
@@ -139,8 +140,7 @@ pub fn measure_latency(
             run()?;
             times.push(started.elapsed().as_secs_f64() * 1e3);
         }
-        times.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-        Ok(times[times.len() / 2])
+        Ok(times.into_iter().fold(f64::INFINITY, f64::min))
     };
     let full_ms = time(&mut || {
         model.prefill(&inputs, &mut NoHook, &mut KvCache::default())?;

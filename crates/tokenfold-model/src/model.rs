@@ -281,13 +281,15 @@ impl Block {
         })
     }
 
-    /// Queries and keys (b, h, t, hd) of this layer for input `x`: normed, projected, QK-normed, rotated.
+    /// Queries and keys (b, h, t, hd) of this layer for input `x` (normed, projected, QK-normed, rotated),
+    /// and the values when `with_values`.
     fn queries_keys(
         &self,
         x: &Tensor,
         rope: (&Tensor, &Tensor),
         cfg: &ModelConfig,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
+        with_values: bool,
+    ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
         let (b, t, _) = x.dims3()?;
         let (h, hd) = (cfg.n_heads, cfg.head_dim());
         let normed = rms_norm(x, &self.attn_norm, cfg.norm_eps)?;
@@ -297,11 +299,8 @@ impl Block {
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let (mut q, mut k, v) = (
-            heads(&self.attn.q_proj)?,
-            heads(&self.attn.k_proj)?,
-            heads(&self.attn.v_proj)?,
-        );
+        let (mut q, mut k) = (heads(&self.attn.q_proj)?, heads(&self.attn.k_proj)?);
+        let v = with_values.then(|| heads(&self.attn.v_proj)).transpose()?;
         if let (Some(qn), Some(kn)) = (&self.attn.q_norm, &self.attn.k_norm) {
             q = rms_norm(&q, qn, cfg.norm_eps)?;
             k = rms_norm(&k, kn, cfg.norm_eps)?;
@@ -325,7 +324,8 @@ impl Block {
         new_keys: (&[bool], &[f32]),
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t, d) = x.dims3()?;
-        let (q, k, v) = self.queries_keys(x, rope, cfg)?;
+        let (q, k, v) = self.queries_keys(x, rope, cfg, true)?;
+        let v = v.ok_or_else(|| candle_core::Error::Msg("values were not computed".into()))?;
         let (new_valid, new_bias) = new_keys;
         let (k_all, v_all) = match cache {
             Some(slot) => {
@@ -655,7 +655,8 @@ impl NativeModel {
             .get(layer)
             .ok_or_else(|| candle_core::Error::Msg(format!("layer {layer} out of range")))?;
         let rope = self.rope_for(&state.positions, state.batch(), state.len())?;
-        let (q, k, _) = block.queries_keys(&state.hidden, (&rope.0, &rope.1), &self.config)?;
+        let (q, k, _) =
+            block.queries_keys(&state.hidden, (&rope.0, &rope.1), &self.config, false)?;
         Ok((q, k))
     }
 

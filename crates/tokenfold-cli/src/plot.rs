@@ -1,0 +1,187 @@
+//! Line charts as SVG and PNG (plotters): one series per method or architecture, markers at the points.
+//!
+//! Both backends lay text out with a TrueType font: the first of [`FONT_PATHS`] that exists is used, and a
+//! machine without any gets a clear error naming them (the tables beside the plots are written first).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use plotters::coord::Shift;
+use plotters::prelude::*;
+
+/// Where Debian, Fedora, Arch and macOS keep a sans-serif TrueType font.
+pub const FONT_PATHS: [&str; 6] = [
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+    "/usr/share/fonts/liberation-sans/LiberationSans-Regular.ttf",
+    "/Library/Fonts/Arial Unicode.ttf",
+];
+
+/// One named series of (x, y) points.
+pub struct Series {
+    pub name: String,
+    pub points: Vec<(f64, f64)>,
+}
+
+pub struct Chart<'a> {
+    pub title: &'a str,
+    pub x_label: &'a str,
+    pub y_label: &'a str,
+    pub log_x: bool,
+    pub series: &'a [Series],
+}
+
+const COLOURS: [RGBColor; 10] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+];
+
+fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, chart: &Chart) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let points = chart.series.iter().flat_map(|s| s.points.iter());
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for &(x, y) in points {
+        x0 = x0.min(x);
+        x1 = x1.max(x);
+        y0 = y0.min(y);
+        y1 = y1.max(y);
+    }
+    if x0 > x1 {
+        bail!("nothing to plot");
+    }
+    let pad_y = ((y1 - y0) * 0.08).max(1e-3);
+    let (y0, y1) = (y0 - pad_y, y1 + pad_y);
+    let mut builder = ChartBuilder::on(&root);
+    builder
+        .caption(chart.title, ("sans-serif", 22))
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(56);
+    let style = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow::anyhow!("{e}");
+    if chart.log_x {
+        let (lx0, lx1) = (x0 * 0.8, x1 * 1.25);
+        let mut ctx = builder
+            .build_cartesian_2d((lx0..lx1).log_scale(), y0..y1)
+            .map_err(style)?;
+        ctx.configure_mesh()
+            .x_desc(chart.x_label)
+            .y_desc(chart.y_label)
+            .draw()
+            .map_err(style)?;
+        for (i, s) in chart.series.iter().enumerate() {
+            let colour = COLOURS[i % COLOURS.len()];
+            ctx.draw_series(LineSeries::new(
+                s.points.iter().copied(),
+                colour.stroke_width(2),
+            ))
+            .map_err(style)?
+            .label(s.name.clone())
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], colour.stroke_width(2)));
+            ctx.draw_series(s.points.iter().map(|&p| Circle::new(p, 4, colour.filled())))
+                .map_err(style)?;
+        }
+        ctx.configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::LowerRight)
+            .draw()
+            .map_err(style)?;
+    } else {
+        let pad_x = ((x1 - x0) * 0.05).max(1e-3);
+        let mut ctx = builder
+            .build_cartesian_2d((x0 - pad_x)..(x1 + pad_x), y0..y1)
+            .map_err(style)?;
+        ctx.configure_mesh()
+            .x_desc(chart.x_label)
+            .y_desc(chart.y_label)
+            .draw()
+            .map_err(style)?;
+        for (i, s) in chart.series.iter().enumerate() {
+            let colour = COLOURS[i % COLOURS.len()];
+            ctx.draw_series(LineSeries::new(
+                s.points.iter().copied(),
+                colour.stroke_width(2),
+            ))
+            .map_err(style)?
+            .label(s.name.clone())
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], colour.stroke_width(2)));
+            ctx.draw_series(s.points.iter().map(|&p| Circle::new(p, 4, colour.filled())))
+                .map_err(style)?;
+        }
+        ctx.configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::LowerRight)
+            .draw()
+            .map_err(style)?;
+    }
+    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
+
+fn register_font() -> Result<()> {
+    static REGISTERED: std::sync::OnceLock<std::result::Result<(), String>> =
+        std::sync::OnceLock::new();
+    REGISTERED
+        .get_or_init(|| {
+            let path = FONT_PATHS
+                .iter()
+                .map(PathBuf::from)
+                .find(|p| p.is_file())
+                .ok_or_else(|| {
+                    format!(
+                        "plots need a TrueType font and none was found at {} (install fonts-dejavu-core)",
+                        FONT_PATHS.join(", ")
+                    )
+                })?;
+            let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            // plotters keeps registered fonts for the life of the process.
+            let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+            plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+                .map_err(|_| format!("{}: not a usable TrueType font", path.display()))
+        })
+        .clone()
+        .map_err(|e| anyhow::anyhow!(e))
+}
+
+/// Writes `<stem>.svg` and `<stem>.png`, each drawn into a temporary file and renamed into place.
+pub fn save(chart: &Chart, stem: &Path) -> Result<(PathBuf, PathBuf)> {
+    let svg = stem.with_extension("svg");
+    let png = stem.with_extension("png");
+    let tmp = |path: &Path| {
+        path.with_file_name(format!(
+            ".tmp-{}",
+            path.file_name()
+                .map_or("plot".into(), |n| n.to_string_lossy())
+        ))
+    };
+    let (svg_tmp, png_tmp) = (tmp(&svg), tmp(&png));
+    // Both backends lay text out with the registered font.
+    register_font()?;
+    draw(
+        SVGBackend::new(&svg_tmp, (900, 600)).into_drawing_area(),
+        chart,
+    )
+    .with_context(|| format!("cannot draw {}", svg.display()))?;
+    std::fs::rename(&svg_tmp, &svg).with_context(|| format!("cannot write {}", svg.display()))?;
+    draw(
+        BitMapBackend::new(&png_tmp, (900, 600)).into_drawing_area(),
+        chart,
+    )
+    .with_context(|| format!("cannot draw {}", png.display()))?;
+    std::fs::rename(&png_tmp, &png).with_context(|| format!("cannot write {}", png.display()))?;
+    Ok((svg, png))
+}
