@@ -82,8 +82,7 @@ pub fn run(args: DemoArgs, paths: &DataPaths) -> Result<()> {
     println!("\n== 4. train nmm-xs (configs/nmm-xs.toml)");
     let mut config = RunConfig::parse(DEMO_CONFIG, false, "configs/nmm-xs.toml")?;
     if let Some(steps) = args.steps {
-        config.train.steps = steps;
-        config.train.warmup_steps = config.train.warmup_steps.min(steps);
+        config = config.with_steps(steps);
         config.validate()?;
     }
     let run = RunDir::new(&args.out.join("nmm-xs"));

@@ -76,8 +76,7 @@ pub fn checked_assets(paths: &DataPaths, config: &RunConfig) -> Result<tokenfold
 pub fn run_train(args: TrainArgs, paths: &DataPaths) -> Result<()> {
     let mut config = RunConfig::load(&args.config)?;
     if let Some(steps) = args.steps {
-        config.train.steps = steps;
-        config.train.warmup_steps = config.train.warmup_steps.min(steps);
+        config = config.with_steps(steps);
     }
     config.validate()?;
     let assets = Arc::new(checked_assets(paths, &config)?);

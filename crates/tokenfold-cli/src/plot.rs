@@ -177,11 +177,19 @@ pub fn save(chart: &Chart, stem: &Path) -> Result<(PathBuf, PathBuf)> {
     )
     .with_context(|| format!("cannot draw {}", svg.display()))?;
     std::fs::rename(&svg_tmp, &svg).with_context(|| format!("cannot write {}", svg.display()))?;
+    // Drawn into a buffer and encoded by the image crate tokenfold already uses (plotters' own encoder
+    // would build a second version of it).
+    let (width, height) = (900u32, 600u32);
+    let mut pixels = vec![0u8; (width * height * 3) as usize];
     draw(
-        BitMapBackend::new(&png_tmp, (900, 600)).into_drawing_area(),
+        BitMapBackend::with_buffer(&mut pixels, (width, height)).into_drawing_area(),
         chart,
     )
     .with_context(|| format!("cannot draw {}", png.display()))?;
+    image::RgbImage::from_raw(width, height, pixels)
+        .context("the bitmap buffer has the wrong size")?
+        .save_with_format(&png_tmp, image::ImageFormat::Png)
+        .with_context(|| format!("cannot write {}", png.display()))?;
     std::fs::rename(&png_tmp, &png).with_context(|| format!("cannot write {}", png.display()))?;
     Ok((svg, png))
 }

@@ -193,6 +193,22 @@ impl RunConfig {
         parse_mixture(&self.train.mixture, "train.mixture")
     }
 
+    /// The same run with `steps` optimizer steps: warmup capped at `steps`, curriculum stages scaled
+    /// in proportion (each at least one step after the previous).
+    pub fn with_steps(&self, steps: u64) -> RunConfig {
+        let mut config = self.clone();
+        let old = self.train.steps.max(1);
+        config.train.steps = steps;
+        config.train.warmup_steps = self.train.warmup_steps.min(steps);
+        let mut previous = 0;
+        for stage in &mut config.train.curriculum {
+            let scaled = (stage.until_step as f64 * steps as f64 / old as f64).round() as u64;
+            stage.until_step = scaled.max(previous + 1).min(steps);
+            previous = stage.until_step;
+        }
+        config
+    }
+
     /// The curriculum as data-stream stages (a step consumes `grad_accum` batches).
     pub fn stages(&self) -> Result<Vec<Stage>> {
         let t = &self.train;
