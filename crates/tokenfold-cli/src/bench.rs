@@ -34,6 +34,24 @@ pub enum BenchCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Prefill latency of a trained model at batch 1 and 16, full and with a reduction plan, and the share
+    /// of the plan's prefill spent in reduction (signals and operators).
+    #[command(
+        after_help = "Example:\n  tokenfold bench prefill --model runs/nmm-s --plan fastv.json --out results/bench-prefill.json"
+    )]
+    Prefill {
+        #[arg(long)]
+        model: PathBuf,
+        /// A reduction plan (JSON); without it only the full model is timed.
+        #[arg(long)]
+        plan: Option<PathBuf>,
+        /// Timed repeats per measurement (the fastest is reported).
+        #[arg(long, default_value_t = 10)]
+        repeats: usize,
+        /// Also write the figures as JSON here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 pub fn run(command: BenchCommand, paths: &DataPaths) -> Result<()> {
@@ -43,7 +61,71 @@ pub fn run(command: BenchCommand, paths: &DataPaths) -> Result<()> {
             tokenizer,
             out,
         } => bench_data(paths, seconds, tokenizer, out),
+        BenchCommand::Prefill {
+            model,
+            plan,
+            repeats,
+            out,
+        } => bench_prefill(paths, &model, plan.as_deref(), repeats, out),
     }
+}
+
+fn bench_prefill(
+    paths: &DataPaths,
+    model_dir: &std::path::Path,
+    plan: Option<&std::path::Path>,
+    repeats: usize,
+    out: Option<PathBuf>,
+) -> Result<()> {
+    let device = tokenfold_model::train::default_device()?;
+    let (model, tokenizer, config) =
+        tokenfold_model::train::RunDir::new(model_dir).load(&device)?;
+    let plan = match plan {
+        Some(path) => {
+            let plan = tokenfold_fold::Plan::load(path)?;
+            plan.validate(model.n_layers())?;
+            plan
+        }
+        None => tokenfold_fold::Plan::full(),
+    };
+    let assets = crate::model::checked_assets(paths, &config)?;
+    println!(
+        "prefill of {} with plan '{}' (fastest of {repeats})\n",
+        model_dir.display(),
+        plan.name
+    );
+    println!(
+        "| batch | full ms | plan ms | speed-up | reduction ms | reduction share |\n|---:|---:|---:|---:|---:|---:|"
+    );
+    let mut rows = Vec::new();
+    for batch in [1usize, 16] {
+        let l = tokenfold_fold::report::measure_latency(
+            &model,
+            &tokenizer,
+            &assets,
+            &config.sequence,
+            &plan,
+            batch,
+            repeats,
+        )?;
+        println!(
+            "| {} | {:.2} | {:.2} | {:.2}× | {:.2} | {:.1}% |",
+            l.batch,
+            l.full_ms,
+            l.plan_ms,
+            l.speedup(),
+            l.overhead_ms,
+            100.0 * l.overhead_share()
+        );
+        rows.push(json!({"batch": l.batch, "full_ms": l.full_ms, "plan_ms": l.plan_ms,
+            "speedup": l.speedup(), "reduction_ms": l.overhead_ms, "reduction_share": l.overhead_share()}));
+    }
+    if let Some(path) = out {
+        let report = json!({"model": model_dir, "plan": plan, "repeats": repeats, "rows": rows});
+        tokenfold_data::write_atomic(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+        println!("\nwrote {}", path.display());
+    }
+    Ok(())
 }
 
 /// Runs `step` repeatedly for about `seconds`; returns calls per second.

@@ -329,6 +329,28 @@ fn train_eval_and_ask_run_end_to_end() {
         "the image and one panel per stage"
     );
 
+    let bench = dir.path().join("bench-prefill.json");
+    let out = tokenfold(
+        dir.path(),
+        &[
+            "bench",
+            "prefill",
+            "--model",
+            run_arg,
+            "--plan",
+            plan_arg,
+            "--repeats",
+            "1",
+            "--out",
+            bench.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let figures: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&bench).unwrap()).unwrap();
+    assert_eq!(figures["rows"].as_array().unwrap().len(), 2);
+    assert!(figures["rows"][1]["full_ms"].as_f64().unwrap() > 0.0);
+
     // A plan that does not fit the model names the stage and the field.
     let bad = dir.path().join("bad-plan.json");
     std::fs::write(
