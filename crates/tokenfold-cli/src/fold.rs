@@ -88,7 +88,8 @@ pub struct CompareArgs {
     pub latency_batch: usize,
     #[arg(long, default_value_t = 5)]
     pub latency_repeats: usize,
-    /// Output folder: compare.md, compare.json.
+    /// Output folder: compare.md, compare.json, accuracy-flops.{svg,png}, and rows/ with each finished
+    /// row (a rerun reuses the rows whose model, plan and settings are unchanged).
     #[arg(long)]
     pub out: PathBuf,
 }
@@ -261,36 +262,70 @@ fn run_compare(args: CompareArgs, paths: &DataPaths) -> Result<()> {
         .with_context(|| format!("cannot create {}", args.out.display()))?;
     let mut reports: Vec<(Option<f64>, PlanReport)> = Vec::new();
     let started = Instant::now();
+    // Each finished row is kept in <out>/rows/, so an interrupted comparison resumes where it stopped.
+    let rows_dir = args.out.join("rows");
+    let model_weights = RunDir::new(&args.model)
+        .checkpoint()
+        .join("model.safetensors");
+    let model_stamp = std::fs::metadata(&model_weights)
+        .and_then(|m| m.modified())
+        .map(|t| format!("{t:?}"))
+        .unwrap_or_default();
     for (i, (budget, plan)) in rows.iter().enumerate() {
-        let mut report = evaluate_plan(
-            &model,
-            &tokenizer,
-            &assets,
-            &config.sequence,
-            &specs,
-            args.count,
-            args.batch_size,
-            plan,
-        )?;
-        if args.latency_repeats > 0 {
-            report.latency = Some(measure_latency(
-                &model,
-                &tokenizer,
-                &assets,
-                &config.sequence,
-                plan,
-                args.latency_batch,
-                args.latency_repeats,
-            )?);
-        }
+        let key = serde_json::json!({
+            "model": model_stamp, "plan": plan, "split": args.split.name(), "count": args.count,
+            "sets": specs.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            "latency": [args.latency_batch, args.latency_repeats],
+        });
+        let row_path = rows_dir.join(format!(
+            "{}-{}.json",
+            budget.map_or("full".into(), |b| format!("{b:.4}")),
+            plan.name
+        ));
+        let cached: Option<PlanReport> = std::fs::read(&row_path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+            .filter(|row| row["key"] == key)
+            .and_then(|row| serde_json::from_value(row["report"].clone()).ok());
+        let reused = cached.is_some();
+        let report = match cached {
+            Some(report) => report,
+            None => {
+                let mut report = evaluate_plan(
+                    &model,
+                    &tokenizer,
+                    &assets,
+                    &config.sequence,
+                    &specs,
+                    args.count,
+                    args.batch_size,
+                    plan,
+                )?;
+                if args.latency_repeats > 0 {
+                    report.latency = Some(measure_latency(
+                        &model,
+                        &tokenizer,
+                        &assets,
+                        &config.sequence,
+                        plan,
+                        args.latency_batch,
+                        args.latency_repeats,
+                    )?);
+                }
+                let row = serde_json::json!({"key": key, "report": report});
+                tokenfold_fold::write_atomic(&row_path, serde_json::to_string(&row)?.as_bytes())?;
+                report
+            }
+        };
         eprintln!(
-            "[{}/{}] {} at {}: {:.1}% ({:.0} s)",
+            "[{}/{}] {} at {}: {:.1}% ({:.0} s{})",
             i + 1,
             rows.len(),
             plan.name,
             budget.map_or("full".into(), |b| format!("{:.1}%", 100.0 * b)),
             100.0 * report.mean_accuracy,
-            started.elapsed().as_secs_f64()
+            started.elapsed().as_secs_f64(),
+            if reused { ", reused from rows/" } else { "" }
         );
         reports.push((*budget, report));
     }

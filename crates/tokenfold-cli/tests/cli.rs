@@ -269,29 +269,36 @@ fn train_eval_and_ask_run_end_to_end() {
         "{stdout}"
     );
     let results = dir.path().join("compare");
-    let out = tokenfold(
-        dir.path(),
-        &[
-            "fold",
-            "compare",
-            "--model",
-            run_arg,
-            "--budgets",
-            "0.111",
-            "--methods",
-            &format!("pool,random,tome,{plan_arg}"),
-            "--tasks",
-            "count",
-            "-n",
-            "2",
-            "--latency-repeats",
-            "1",
-            "--out",
-            results.to_str().unwrap(),
-        ],
-    );
+    let methods = format!("pool,random,tome,{plan_arg}");
+    let compare_args = [
+        "fold",
+        "compare",
+        "--model",
+        run_arg,
+        "--budgets",
+        "0.111",
+        "--methods",
+        &methods,
+        "--tasks",
+        "count",
+        "-n",
+        "2",
+        "--latency-repeats",
+        "1",
+        "--out",
+        results.to_str().unwrap(),
+    ];
+    let out = tokenfold(dir.path(), &compare_args);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let table = std::fs::read_to_string(results.join("compare.md")).unwrap();
+    // A rerun reuses every finished row and writes the same table.
+    let out = tokenfold(dir.path(), &compare_args);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stderr).matches("reused from rows/").count(), 5);
+    assert_eq!(
+        std::fs::read_to_string(results.join("compare.md")).unwrap(),
+        table
+    );
     for row in [
         "| full |",
         "| pool |",
