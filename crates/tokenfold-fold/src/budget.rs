@@ -48,7 +48,8 @@ impl Geometry {
 
     /// Layer `l` of a 32-layer model at this depth.
     fn scaled(&self, l: usize) -> usize {
-        ((l as f64 * self.n_layers as f64 / 32.0).round() as usize).min(self.n_layers - 1)
+        ((l as f64 * self.n_layers as f64 / 32.0).round() as usize)
+            .min(self.n_layers.saturating_sub(1))
     }
 }
 
@@ -111,7 +112,8 @@ pub fn fit(method: Method, budget: f64, geometry: Geometry) -> Result<Plan> {
         }
         Method::Visionzip | Method::Prumerge | Method::Random => single(0, method),
         Method::Pdrop => {
-            let layers: Vec<usize> = dedup_increasing([8, 16, 24].map(|l| g.scaled(l)).to_vec());
+            let layers: Vec<usize> =
+                dedup_increasing([8, 16, 24].map(|l| g.scaled(l)).to_vec(), g.n_layers);
             let stages = layers.len() as i32;
             staged(layers, &|lambda| {
                 (1..=stages)
@@ -120,7 +122,7 @@ pub fn fit(method: Method, budget: f64, geometry: Geometry) -> Result<Plan> {
             })
         }
         Method::Sparsevlm => {
-            let layers = dedup_increasing([2, 6, 15].map(|l| g.scaled(l)).to_vec());
+            let layers = dedup_increasing([2, 6, 15].map(|l| g.scaled(l)).to_vec(), g.n_layers);
             let schedule = [300.0 / 576.0, 200.0 / 576.0, 110.0 / 576.0];
             let stages = layers.len();
             staged(layers, &|scale| {
@@ -180,13 +182,20 @@ pub fn fit(method: Method, budget: f64, geometry: Geometry) -> Result<Plan> {
     })
 }
 
-fn dedup_increasing(mut layers: Vec<usize>) -> Vec<usize> {
-    for i in 1..layers.len() {
-        if layers[i] <= layers[i - 1] {
-            layers[i] = layers[i - 1] + 1;
+/// Makes scaled layers strictly increasing and below `n_layers`; stages that no longer fit are dropped
+/// (a shallow model gets fewer stages).
+fn dedup_increasing(layers: Vec<usize>, n_layers: usize) -> Vec<usize> {
+    let mut out: Vec<usize> = Vec::with_capacity(layers.len());
+    for layer in layers {
+        let layer = match out.last() {
+            Some(&previous) if layer <= previous => previous + 1,
+            _ => layer,
+        };
+        if layer < n_layers {
+            out.push(layer);
         }
     }
-    layers
+    out
 }
 
 /// Analytical prefill FLOPs of one layer over `t` tokens (multiply-adds count 2): the q, k, v, o

@@ -35,6 +35,9 @@ struct SampleLayout {
     raters: Vec<u32>,
     /// Valid tokens before any reduction.
     prompt_tokens: usize,
+    /// A hash of the sample's layer-0 prompt input (image and text), so random draws depend on the sample, not
+    /// on its place in a batch.
+    content_seed: u64,
 }
 
 /// What passed through the layers: the budget accounting's measurements.
@@ -126,6 +129,16 @@ impl<'a> FoldHook<'a> {
         self.layouts.clear();
         self.sizes.clear();
         self.members.clear();
+        let needs_seed = self
+            .plan
+            .stages
+            .iter()
+            .any(|st| st.method == Method::Random);
+        let hidden: Vec<Vec<Vec<f32>>> = if needs_seed {
+            state.hidden.to_vec3()?
+        } else {
+            Vec::new()
+        };
         for s in 0..b {
             let row = |j: usize| s * t + j;
             let image: Vec<u32> = (0..t)
@@ -164,6 +177,17 @@ impl<'a> FoldHook<'a> {
                 summary,
                 raters: Vec::new(),
                 prompt_tokens: (0..t).filter(|&j| state.valid[row(j)]).count(),
+                content_seed: if needs_seed {
+                    // The prompt only, so generation with or without the cache draws the same.
+                    content_hash(
+                        &hidden[s],
+                        &(0..t)
+                            .map(|j| state.valid[row(j)] && state.positions[row(j)] <= query)
+                            .collect::<Vec<_>>(),
+                    )
+                } else {
+                    0
+                },
             });
         }
         if self
@@ -458,6 +482,7 @@ impl<'a> FoldHook<'a> {
                             && !layout.is_image[j]
                             && layout.positions[j] > image_start + sample.n0 as u32
                             && layout.positions[j] <= sample.query
+                            && Some(layout.positions[j]) != sample.summary
                     })
                     .collect();
                 let rows: Vec<usize> = visual.iter().chain(&text).copied().collect();
@@ -503,7 +528,7 @@ impl<'a> FoldHook<'a> {
                 ops::pool(&cells, stage.window.unwrap_or(1))
             }
             Method::Random => {
-                let seed = stage.seed.unwrap_or(0) ^ ((s as u64) << 32) ^ stage.layer as u64;
+                let seed = stage.seed.unwrap_or(0) ^ sample.content_seed ^ stage.layer as u64;
                 ops::random(n, target, &mut ChaCha8Rng::seed_from_u64(seed))
             }
         })
@@ -600,6 +625,18 @@ impl LayerHook for FoldHook<'_> {
             .iter()
             .any(|st| st.layer == layer + 1 && st.method.uses_previous_layer())
     }
+}
+
+/// FNV-1a over the bit patterns of a sample's input rows marked in `include`.
+fn content_hash(rows: &[Vec<f32>], include: &[bool]) -> u64 {
+    let mut hash = 0xcbf2_9ce4_8422_2325u64;
+    for (row, _) in rows.iter().zip(include).filter(|(_, v)| **v) {
+        for value in row {
+            hash ^= u64::from(value.to_bits());
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    hash
 }
 
 /// ToMe down to `target` tokens: bipartite rounds (each merging at most half) until the count is reached;
@@ -710,7 +747,7 @@ fn top_desc(values: &[f32], k: usize) -> Vec<usize> {
 pub fn visionzip(scores: &[f32], metric: &Matrix, target: usize, contextual: f64) -> Assignment {
     let n = scores.len();
     let c = if target >= 2 {
-        ((contextual * target as f64).round() as usize).clamp(1, target - 1)
+        ((contextual * target as f64).round() as usize).min(target - 1)
     } else {
         0
     };

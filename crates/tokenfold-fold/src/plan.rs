@@ -220,7 +220,7 @@ impl Plan {
                 return fail(format!(
                     "layer {} is out of range (the model has {n_layers} layers, 0..={})",
                     stage.layer,
-                    n_layers - 1
+                    n_layers.saturating_sub(1)
                 ));
             }
             if previous_layer.is_some_and(|p| stage.layer <= p) {
@@ -232,6 +232,11 @@ impl Plan {
             }
             previous_layer = Some(stage.layer);
             let is_pool = stage.method == Method::Pool;
+            if is_pool && i > 0 {
+                // On a grid already thinned, pooling yields one token per non-empty block, a count the
+                // plan cannot state in advance; the budget would be an upper bound, not the count.
+                return fail("pool must be the first stage".into());
+            }
             match (is_pool, stage.keep, stage.window) {
                 (true, _, None) => return fail("pool needs \"window\"".into()),
                 (true, Some(_), _) => {
