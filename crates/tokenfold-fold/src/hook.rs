@@ -180,7 +180,7 @@ impl<'a> FoldHook<'a> {
                 content_seed: if needs_seed {
                     // The prompt only, so generation with or without the cache draws the same.
                     content_hash(
-                        &hidden[s],
+                        hidden.get(s).map_or(&[][..], Vec::as_slice),
                         &(0..t)
                             .map(|j| state.valid[row(j)] && state.positions[row(j)] <= query)
                             .collect::<Vec<_>>(),
