@@ -397,7 +397,6 @@ fn run_compare(args: CompareArgs, paths: &DataPaths) -> Result<()> {
         title: &title,
         x_label: "prefill FLOPs, % of the full model",
         y_label: "mean accuracy over image-task sets, %",
-        log_x: false,
         series: &series,
     };
     let (svg, png) = plot::save(&chart, &args.out.join("accuracy-flops"))?;

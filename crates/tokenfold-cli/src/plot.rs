@@ -29,7 +29,6 @@ pub struct Chart<'a> {
     pub title: &'a str,
     pub x_label: &'a str,
     pub y_label: &'a str,
-    pub log_x: bool,
     pub series: &'a [Series],
 }
 
@@ -71,63 +70,33 @@ where
         .x_label_area_size(44)
         .y_label_area_size(56);
     let style = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow::anyhow!("{e}");
-    if chart.log_x {
-        let (lx0, lx1) = (x0 * 0.8, x1 * 1.25);
-        let mut ctx = builder
-            .build_cartesian_2d((lx0..lx1).log_scale(), y0..y1)
-            .map_err(style)?;
-        ctx.configure_mesh()
-            .x_desc(chart.x_label)
-            .y_desc(chart.y_label)
-            .draw()
-            .map_err(style)?;
-        for (i, s) in chart.series.iter().enumerate() {
-            let colour = COLOURS[i % COLOURS.len()];
-            ctx.draw_series(LineSeries::new(
-                s.points.iter().copied(),
-                colour.stroke_width(2),
-            ))
-            .map_err(style)?
-            .label(s.name.clone())
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], colour.stroke_width(2)));
-            ctx.draw_series(s.points.iter().map(|&p| Circle::new(p, 4, colour.filled())))
-                .map_err(style)?;
-        }
-        ctx.configure_series_labels()
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::LowerRight)
-            .draw()
-            .map_err(style)?;
-    } else {
-        let pad_x = ((x1 - x0) * 0.05).max(1e-3);
-        let mut ctx = builder
-            .build_cartesian_2d((x0 - pad_x)..(x1 + pad_x), y0..y1)
-            .map_err(style)?;
-        ctx.configure_mesh()
-            .x_desc(chart.x_label)
-            .y_desc(chart.y_label)
-            .draw()
-            .map_err(style)?;
-        for (i, s) in chart.series.iter().enumerate() {
-            let colour = COLOURS[i % COLOURS.len()];
-            ctx.draw_series(LineSeries::new(
-                s.points.iter().copied(),
-                colour.stroke_width(2),
-            ))
-            .map_err(style)?
-            .label(s.name.clone())
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], colour.stroke_width(2)));
-            ctx.draw_series(s.points.iter().map(|&p| Circle::new(p, 4, colour.filled())))
-                .map_err(style)?;
-        }
-        ctx.configure_series_labels()
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::LowerRight)
-            .draw()
+    let pad_x = ((x1 - x0) * 0.05).max(1e-3);
+    let mut ctx = builder
+        .build_cartesian_2d((x0 - pad_x)..(x1 + pad_x), y0..y1)
+        .map_err(style)?;
+    ctx.configure_mesh()
+        .x_desc(chart.x_label)
+        .y_desc(chart.y_label)
+        .draw()
+        .map_err(style)?;
+    for (i, s) in chart.series.iter().enumerate() {
+        let colour = COLOURS[i % COLOURS.len()];
+        ctx.draw_series(LineSeries::new(
+            s.points.iter().copied(),
+            colour.stroke_width(2),
+        ))
+        .map_err(style)?
+        .label(s.name.clone())
+        .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], colour.stroke_width(2)));
+        ctx.draw_series(s.points.iter().map(|&p| Circle::new(p, 4, colour.filled())))
             .map_err(style)?;
     }
+    ctx.configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()
+        .map_err(style)?;
     root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
 }
