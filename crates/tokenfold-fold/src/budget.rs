@@ -60,6 +60,11 @@ pub fn fit(method: Method, budget: f64, geometry: Geometry) -> Result<Plan> {
             "budget {budget} is outside (0, 1]"
         )));
     }
+    if method == Method::Unified {
+        return Err(FoldError::Budget(
+            "unified plans are not fitted by rule: `tokenfold search` finds them".into(),
+        ));
+    }
     let g = geometry;
     let n0 = g.n0();
     let plan = |stages: Vec<Stage>| Plan {
@@ -171,6 +176,7 @@ pub fn fit(method: Method, budget: f64, geometry: Geometry) -> Result<Plan> {
             }
             best.map(|(_, p)| p)
         }
+        Method::Unified => None,
     };
     fitted.ok_or_else(|| {
         FoldError::Budget(format!(

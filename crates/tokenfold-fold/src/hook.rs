@@ -20,6 +20,7 @@ use tokenfold_model::{LayerHook, NativeModel, SeqState};
 use crate::ops::{self, Assignment, Matrix};
 use crate::plan::{Method, Plan, Stage};
 use crate::signals::{HeadReduce, QueriesKeys, RowLayout};
+use crate::unified::{self, Signal};
 
 /// Where each sample's image and prompt are, read from the sequence at layer 0.
 #[derive(Debug, Clone)]
@@ -96,6 +97,9 @@ pub struct FoldHook<'a> {
     layouts: Vec<SampleLayout>,
     /// Per sample: size of each visual token, by the patch index of its representative.
     sizes: Vec<HashMap<u32, f32>>,
+    /// Per sample: the attention-logit bias each visual token carries (the unified operator's
+    /// re-weighting), by the patch index of its representative; absent is 0.
+    boosts: Vec<HashMap<u32, f32>>,
 }
 
 impl<'a> FoldHook<'a> {
@@ -115,6 +119,7 @@ impl<'a> FoldHook<'a> {
             members: Vec::new(),
             layouts: Vec::new(),
             sizes: Vec::new(),
+            boosts: Vec::new(),
         }
     }
 
@@ -128,6 +133,7 @@ impl<'a> FoldHook<'a> {
         let summary_token = self.model.config.summary_token;
         self.layouts.clear();
         self.sizes.clear();
+        self.boosts = vec![HashMap::new(); state.batch()];
         self.members.clear();
         let needs_seed = self
             .plan
@@ -190,12 +196,13 @@ impl<'a> FoldHook<'a> {
                 },
             });
         }
-        if self
-            .plan
-            .stages
-            .iter()
-            .any(|st| st.method == Method::Sparsevlm)
-        {
+        if self.plan.stages.iter().any(|st| {
+            st.method == Method::Sparsevlm
+                || st
+                    .operator
+                    .as_ref()
+                    .is_some_and(|op| op.uses(Signal::Raters))
+        }) {
             self.choose_raters(state)?;
         }
         Ok(())
@@ -282,10 +289,15 @@ impl<'a> FoldHook<'a> {
     /// mix of old rows (one-hot for kept and text tokens, size-weighted for merged ones).
     fn run_stage(&mut self, stage: &Stage, state: &mut SeqState) -> Result<()> {
         let layer = stage.layer;
-        let needs_qk = !matches!(stage.method, Method::Pool | Method::Random);
+        let needs_qk = match (&stage.operator, stage.method) {
+            (Some(op), Method::Unified) => {
+                op.needs_metric() || op.active_signals().iter().any(|(s, _)| *s != Signal::Grid)
+            }
+            (_, method) => !matches!(method, Method::Pool | Method::Random),
+        };
         let qk = if !needs_qk {
             None
-        } else if stage.method.uses_previous_layer() && layer > 0 {
+        } else if stage.uses_previous_layer() && layer > 0 {
             let (q, k) = state.captured.take().ok_or_else(|| {
                 candle_core::Error::Msg(format!(
                     "stage at layer {layer}: the previous layer's keys were not captured"
@@ -297,7 +309,12 @@ impl<'a> FoldHook<'a> {
             Some(QueriesKeys::from_tensors(&q, &k)?)
         };
         // DART compares final-normed hidden states.
-        let normed: Option<Vec<Vec<Vec<f32>>>> = if stage.method == Method::Dart {
+        let needs_normed = stage.method == Method::Dart
+            || stage
+                .operator
+                .as_ref()
+                .is_some_and(|op| op.uses(Signal::Duplication));
+        let normed: Option<Vec<Vec<Vec<f32>>>> = if needs_normed {
             Some(self.model.final_norm(&state.hidden)?.to_vec3()?)
         } else {
             None
@@ -322,7 +339,7 @@ impl<'a> FoldHook<'a> {
                 .collect();
             let mut new_rows: Vec<NewRow> = (0..t)
                 .filter(|&j| layout.valid[j] && !layout.is_image[j])
-                .map(|j| NewRow::copy(j, layout.positions[j], false, 1.0))
+                .map(|j| NewRow::copy(j, layout.positions[j], false, 1.0, 0.0))
                 .collect();
             let sample = &self.layouts[s];
             let start = sample.image_start.unwrap_or(0);
@@ -330,12 +347,13 @@ impl<'a> FoldHook<'a> {
             let target = stage.kept_count(n, sample.n0, self.grid());
             let positions: Vec<u32> = visual.iter().map(|&j| layout.positions[j]).collect();
             let size_of = |p: u32| self.sizes[s].get(&(p - start)).copied().unwrap_or(1.0);
+            let boost_of = |p: u32| self.boosts[s].get(&(p - start)).copied().unwrap_or(0.0);
             if n == 0 || (n <= target && stage.method != Method::Pool) {
                 new_rows.extend(
                     visual
                         .iter()
                         .zip(&positions)
-                        .map(|(&j, &p)| NewRow::copy(j, p, true, size_of(p))),
+                        .map(|(&j, &p)| NewRow::copy(j, p, true, size_of(p), boost_of(p))),
                 );
                 if self.record_groups {
                     stage_groups.push(
@@ -366,11 +384,22 @@ impl<'a> FoldHook<'a> {
                     .iter()
                     .map(|&r| positions[r])
                     .collect();
-                for ((mix, &p), &size) in mixing.iter().zip(&new_positions).zip(&sizes_new) {
+                let boosts_new: Vec<f32> = new_positions
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &p)| boost_of(p) + assignment.boost.get(j).copied().unwrap_or(0.0))
+                    .collect();
+                for (((mix, &p), &size), &boost) in mixing
+                    .iter()
+                    .zip(&new_positions)
+                    .zip(&sizes_new)
+                    .zip(&boosts_new)
+                {
                     new_rows.push(NewRow {
                         position: p,
                         is_image: true,
                         size,
+                        boost,
                         mix: mix.iter().map(|&(i, m)| (visual[i], m)).collect(),
                     });
                 }
@@ -407,6 +436,12 @@ impl<'a> FoldHook<'a> {
                     .zip(&sizes_new)
                     .map(|(&p, &size)| (p - start, size))
                     .collect();
+                self.boosts[s] = new_positions
+                    .iter()
+                    .zip(&boosts_new)
+                    .filter(|(_, b)| **b != 0.0)
+                    .map(|(&p, &b)| (p - start, b))
+                    .collect();
             }
             new_rows.sort_by_key(|r| r.position);
             samples.push(new_rows);
@@ -417,8 +452,15 @@ impl<'a> FoldHook<'a> {
         self.rebuild(state, &samples)
     }
 
-    /// The assignment of one sample's visual rows for `stage`, keeping `target` tokens.
-    fn assign(&self, stage: &Stage, inputs: &StageInputs, target: usize) -> Result<Assignment> {
+    /// One ranking signal over a sample's visual rows (see [`Signal`]).
+    fn signal(
+        &self,
+        signal: Signal,
+        inputs: &StageInputs,
+        target: usize,
+        pivots: usize,
+        window: Option<u32>,
+    ) -> Result<Vec<f32>> {
         let StageInputs {
             s,
             qk,
@@ -435,46 +477,34 @@ impl<'a> FoldHook<'a> {
             || qk.ok_or_else(|| candle_core::Error::Msg("the stage needs queries and keys".into()));
         let at_visual =
             |scores: Vec<f32>| -> Vec<f32> { visual.iter().map(|&j| scores[j]).collect() };
-        // The attention row of one query position, over the visual rows.
-        let row_attention =
-            |position: Option<u32>, heads: HeadReduce| -> Result<Option<Vec<f32>>> {
-                let Some(query) = position.and_then(row_of) else {
-                    return Ok(None);
-                };
-                Ok(Some(at_visual(qk()?.query_attention(
-                    s,
-                    layout,
-                    &[query],
-                    heads,
-                ))))
-            };
-        Ok(match stage.method {
-            Method::Fastv | Method::Pdrop => {
-                let scores = row_attention(Some(sample.query), HeadReduce::Mean)?
-                    .unwrap_or_else(|| vec![0.0; n]);
-                ops::prune(&scores, target)
-            }
-            Method::Sparsevlm => {
-                let qk = qk()?;
+        Ok(match signal {
+            Signal::Last => match row_of(sample.query) {
+                Some(query) => {
+                    at_visual(qk()?.query_attention(s, layout, &[query], HeadReduce::Mean))
+                }
+                None => vec![0.0; n],
+            },
+            Signal::Raters => {
                 let raters: Vec<usize> = sample.raters.iter().filter_map(|&p| row_of(p)).collect();
                 let raters = if raters.is_empty() {
                     row_of(sample.query).into_iter().collect()
                 } else {
                     raters
                 };
-                let scores = at_visual(qk.query_attention(s, layout, &raters, HeadReduce::Mean));
-                if stage.recycle.unwrap_or(false) {
-                    sparsevlm_recycle(&scores, target, &qk.key_metric(s, visual))
-                } else {
-                    ops::prune(&scores, target)
-                }
+                at_visual(qk()?.query_attention(s, layout, &raters, HeadReduce::Mean))
             }
-            Method::Dart => {
+            Signal::Summary => match sample.summary.and_then(row_of) {
+                Some(query) => {
+                    at_visual(qk()?.query_attention(s, layout, &[query], HeadReduce::Mean))
+                }
+                // No summary token: attention received from all image queries (the SigLIP port).
+                None => at_visual(qk()?.attention_received(s, layout, visual)),
+            },
+            Signal::Duplication => {
                 let qk = qk()?;
                 let normed = normed.ok_or_else(|| {
                     candle_core::Error::Msg("DART needs the final-normed hidden states".into())
                 })?;
-                let pivots = stage.pivots.unwrap_or(4);
                 let image_start = sample.image_start.unwrap_or(0);
                 let text: Vec<usize> = (0..t)
                     .filter(|&j| {
@@ -494,19 +524,82 @@ impl<'a> FoldHook<'a> {
                         .flat_map(|&j| normed[j].iter().copied())
                         .collect(),
                 );
-                dart(&hidden, &qk.key_l1(s, &rows), n, pivots, target)
+                let kept = dart(&hidden, &qk.key_l1(s, &rows), n, pivots, target);
+                let mut indicator = vec![0f32; n];
+                kept.representative.iter().for_each(|&i| indicator[i] = 1.0);
+                indicator
+            }
+            Signal::Redundancy => unified::redundancy_signal(&qk()?.key_metric(s, visual)),
+            Signal::Grid => {
+                let cells = self.cells(s, layout, visual);
+                let stride = window.unwrap_or_else(|| {
+                    ((self.grid() as f64 / (target.max(1) as f64).sqrt()).floor() as u32).max(1)
+                });
+                unified::grid_signal(&cells, stride)
+            }
+        })
+    }
+
+    /// Grid cells (row, column) of a sample's visual rows.
+    fn cells(&self, s: usize, layout: &RowLayout, visual: &[usize]) -> Vec<(u32, u32)> {
+        let start = self.layouts[s].image_start.unwrap_or(0);
+        let grid = self.grid() as u32;
+        visual
+            .iter()
+            .map(|&j| {
+                let patch = layout.positions[j] - start;
+                (patch / grid, patch % grid)
+            })
+            .collect()
+    }
+
+    /// The assignment of one sample's visual rows for `stage`, keeping `target` tokens.
+    fn assign(&self, stage: &Stage, inputs: &StageInputs, target: usize) -> Result<Assignment> {
+        let StageInputs {
+            s,
+            qk,
+            layout,
+            visual,
+            ..
+        } = *inputs;
+        let n = visual.len();
+        let pivots = stage.pivots.unwrap_or(4);
+        let signal = |signal: Signal| self.signal(signal, inputs, target, pivots, stage.window);
+        let qk =
+            || qk.ok_or_else(|| candle_core::Error::Msg("the stage needs queries and keys".into()));
+        Ok(match stage.method {
+            Method::Fastv | Method::Pdrop => ops::prune(&signal(Signal::Last)?, target),
+            Method::Sparsevlm => {
+                let scores = signal(Signal::Raters)?;
+                if stage.recycle.unwrap_or(false) {
+                    sparsevlm_recycle(&scores, target, &qk()?.key_metric(s, visual))
+                } else {
+                    ops::prune(&scores, target)
+                }
+            }
+            Method::Dart => {
+                let kept = signal(Signal::Duplication)?;
+                let kept: Vec<usize> = (0..n).filter(|&i| kept[i] > 0.0).collect();
+                Assignment::keep(n, &kept)
             }
             Method::Tome => tome_to(&qk()?.key_metric(s, visual), target),
             Method::Visionzip | Method::Prumerge => {
-                let heads = if stage.method == Method::Visionzip {
-                    HeadReduce::Sum
-                } else {
-                    HeadReduce::Mean
-                };
-                let scores = match row_attention(sample.summary, heads)? {
-                    Some(scores) => scores,
-                    // No summary token: attention received from all image queries (the SigLIP port).
-                    None => at_visual(qk()?.attention_received(s, layout, visual)),
+                let sample = &self.layouts[s];
+                let t = layout.positions.len();
+                let summary = sample
+                    .summary
+                    .and_then(|p| (0..t).find(|&j| layout.valid[j] && layout.positions[j] == p));
+                let scores: Vec<f32> = match summary {
+                    Some(query) => {
+                        let heads = if stage.method == Method::Visionzip {
+                            HeadReduce::Sum
+                        } else {
+                            HeadReduce::Mean
+                        };
+                        let row = qk()?.query_attention(s, layout, &[query], heads);
+                        visual.iter().map(|&j| row[j]).collect()
+                    }
+                    None => signal(Signal::Summary)?,
                 };
                 let metric = qk()?.key_metric(s, visual);
                 if stage.method == Method::Visionzip {
@@ -515,21 +608,36 @@ impl<'a> FoldHook<'a> {
                     prumerge_plus(&scores, &metric, target)
                 }
             }
-            Method::Pool => {
-                let start = sample.image_start.unwrap_or(0);
-                let grid = self.grid() as u32;
-                let cells: Vec<(u32, u32)> = visual
-                    .iter()
-                    .map(|&j| {
-                        let patch = layout.positions[j] - start;
-                        (patch / grid, patch % grid)
-                    })
-                    .collect();
-                ops::pool(&cells, stage.window.unwrap_or(1))
-            }
+            Method::Pool => ops::pool(&self.cells(s, layout, visual), stage.window.unwrap_or(1)),
             Method::Random => {
+                let sample = &self.layouts[s];
                 let seed = stage.seed.unwrap_or(0) ^ sample.content_seed ^ stage.layer as u64;
                 ops::random(n, target, &mut ChaCha8Rng::seed_from_u64(seed))
+            }
+            Method::Unified => {
+                let op = stage.operator.as_ref().ok_or_else(|| {
+                    candle_core::Error::Msg("a unified stage needs its operator".into())
+                })?;
+                let pivots = op.pivots.unwrap_or(4);
+                let signals = op
+                    .active_signals()
+                    .into_iter()
+                    .map(|(sig, _)| Ok((sig, self.signal(sig, inputs, target, pivots, op.window)?)))
+                    .collect::<Result<Vec<_>>>()?;
+                let score = unified::combine(op, &signals, n).map_err(fold_error)?;
+                let metric = if op.needs_metric() {
+                    Some(qk()?.key_metric(s, visual))
+                } else {
+                    None
+                };
+                unified::operate(
+                    op,
+                    &score,
+                    metric.as_ref(),
+                    &self.cells(s, layout, visual),
+                    target,
+                )
+                .map_err(fold_error)?
             }
         })
     }
@@ -544,6 +652,7 @@ impl<'a> FoldHook<'a> {
         let n = b * t_new;
         let (mut positions, mut is_image, mut valid, mut key_bias) =
             (vec![0u32; n], vec![false; n], vec![false; n], vec![0f32; n]);
+        let mut any_bias = false;
         for (s, rows) in samples.iter().enumerate() {
             for (r, row) in rows.iter().enumerate() {
                 let at = s * t_new + r;
@@ -553,7 +662,13 @@ impl<'a> FoldHook<'a> {
                 positions[at] = row.position;
                 is_image[at] = row.is_image;
                 valid[at] = true;
-                key_bias[at] = row.size.ln();
+                key_bias[at] = row.boost
+                    + if self.plan.proportional_attention {
+                        row.size.ln()
+                    } else {
+                        0.0
+                    };
+                any_bias |= key_bias[at] != 0.0;
             }
         }
         let device = state.hidden.device().clone();
@@ -562,7 +677,7 @@ impl<'a> FoldHook<'a> {
         state.positions = positions;
         state.is_image = is_image;
         state.valid = valid;
-        state.key_bias = if self.plan.proportional_attention {
+        state.key_bias = if self.plan.proportional_attention || any_bias {
             Some(Tensor::from_vec(key_bias, (b, t_new), &device)?)
         } else {
             None
@@ -577,16 +692,19 @@ struct NewRow {
     position: u32,
     is_image: bool,
     size: f32,
+    /// Attention-logit bias the token carries (re-weighting).
+    boost: f32,
     /// (old row, weight) pairs; one row with weight 1 for a kept token.
     mix: Vec<(usize, f32)>,
 }
 
 impl NewRow {
-    fn copy(row: usize, position: u32, is_image: bool, size: f32) -> NewRow {
+    fn copy(row: usize, position: u32, is_image: bool, size: f32, boost: f32) -> NewRow {
         NewRow {
             position,
             is_image,
             size,
+            boost,
             mix: vec![(row, 1.0)],
         }
     }
@@ -623,8 +741,12 @@ impl LayerHook for FoldHook<'_> {
         self.plan
             .stages
             .iter()
-            .any(|st| st.layer == layer + 1 && st.method.uses_previous_layer())
+            .any(|st| st.layer == layer + 1 && st.uses_previous_layer())
     }
+}
+
+fn fold_error(e: crate::FoldError) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
 }
 
 /// FNV-1a over the bit patterns of a sample's input rows marked in `include`.

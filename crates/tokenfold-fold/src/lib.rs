@@ -10,6 +10,8 @@
 //! - [`hook`]: a [`tokenfold_model::LayerHook`] that runs a plan in the forward pass, batch > 1, KV cache
 //!   included, and traces the tokens entering each layer;
 //! - [`budget`]: fitting each method to a budget by one rule, analytical prefill FLOPs;
+//! - [`unified`]: the unified operator whose parameters span pruning, merging, pooling and re-weighting,
+//!   and the settings that reproduce the hand-designed methods;
 //! - [`report`]: evaluating a plan (accuracy, budget, measured latency) and the comparison table.
 //!
 //! It builds on `tokenfold-model` and owns no training code. `docs/token-reduction.md` describes each
@@ -22,6 +24,7 @@ pub mod ops;
 pub mod plan;
 pub mod report;
 pub mod signals;
+pub mod unified;
 
 #[cfg(test)]
 mod tests;

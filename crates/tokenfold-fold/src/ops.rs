@@ -77,6 +77,12 @@ pub struct Assignment {
     pub rows: SparseRows,
     /// Per output token: the input token whose position (and grid cell) it keeps.
     pub representative: Vec<usize>,
+    /// Normalisation strength η ∈ [0, 1] of the transferred mass (the unified operator's size-weighted
+    /// normalisation): 1 is a size-weighted mean, 0 adds the transferred tokens without renormalising.
+    pub eta: f32,
+    /// Per output token, an additive attention-logit bias it carries from now on (the unified operator's
+    /// anchor re-weighting); empty for none.
+    pub boost: Vec<f32>,
 }
 
 impl Assignment {
@@ -86,6 +92,8 @@ impl Assignment {
             n_in,
             rows: indices.iter().map(|&i| vec![(i, 1.0)]).collect(),
             representative: indices.to_vec(),
+            eta: 1.0,
+            boost: Vec::new(),
         }
     }
 
@@ -99,6 +107,8 @@ impl Assignment {
                 .map(|g| g.iter().map(|&i| (i, 1.0)).collect())
                 .collect(),
             representative: groups.iter().map(|g| g[0]).collect(),
+            eta: 1.0,
+            boost: Vec::new(),
         }
     }
 
@@ -117,11 +127,16 @@ impl Assignment {
         order.sort_by_key(|&j| positions[self.representative[j]]);
         self.rows = order.iter().map(|&j| self.rows[j].clone()).collect();
         self.representative = order.iter().map(|&j| self.representative[j]).collect();
+        if !self.boost.is_empty() {
+            self.boost = order.iter().map(|&j| self.boost[j]).collect();
+        }
         self
     }
 
     /// The rows as mixing weights over input tokens of sizes `sizes`: output token j is
-    /// Σ_i m_ji · x_i with m_ji = w_ji · s_i / s'_j; returns the weights (sparse rows) and the new sizes s'.
+    /// Σ_i m_ji · x_i with m_ji = w_ji · s_i / n_j, where n_j = w_jr·s_r + η·Σ_{i≠r} w_ji·s_i (r the
+    /// representative; with η = 1, n_j = s'_j); returns the weights (sparse rows) and the new sizes
+    /// s'_j = Σ_i w_ji · s_i.
     pub fn mixing(&self, sizes: &[f32]) -> Result<(SparseRows, Vec<f32>)> {
         if sizes.len() != self.n_in {
             candle_core::bail!(
@@ -134,14 +149,25 @@ impl Assignment {
         let mut new_sizes = Vec::with_capacity(self.len());
         for (j, row) in self.rows.iter().enumerate() {
             let total: f32 = row.iter().map(|&(i, w)| w * sizes[i]).sum();
-            if total <= 0.0 {
+            let representative = self.representative[j];
+            let norm: f32 = if self.eta == 1.0 {
+                total
+            } else {
+                row.iter()
+                    .map(|&(i, w)| {
+                        let mass = w * sizes[i];
+                        if i == representative {
+                            mass
+                        } else {
+                            self.eta * mass
+                        }
+                    })
+                    .sum()
+            };
+            if total <= 0.0 || norm <= 0.0 {
                 candle_core::bail!("output token {j} has no weight");
             }
-            rows.push(
-                row.iter()
-                    .map(|&(i, w)| (i, w * sizes[i] / total))
-                    .collect(),
-            );
+            rows.push(row.iter().map(|&(i, w)| (i, w * sizes[i] / norm)).collect());
             new_sizes.push(total);
         }
         Ok((rows, new_sizes))
@@ -312,6 +338,8 @@ pub fn redistribute(metric: &Matrix, kept: &[usize], gamma: f32, tau: f32) -> As
         n_in: n,
         rows,
         representative: kept.to_vec(),
+        eta: 1.0,
+        boost: Vec::new(),
     }
 }
 

@@ -14,6 +14,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{FoldError, Result};
+use crate::unified::{Operator, Source};
 
 /// What a stage does; see `docs/token-reduction.md` for each method's algorithm and early-fusion
 /// adaptation.
@@ -39,9 +40,13 @@ pub enum Method {
     Pool,
     /// Uniformly random tokens (the sanity baseline).
     Random,
+    /// The unified operator with the parameters in `operator` (see [`crate::unified`]); searched plans
+    /// use it.
+    Unified,
 }
 
 impl Method {
+    /// The hand-designed methods (what `--methods all` compares).
     pub const ALL: [Method; 9] = [
         Method::Fastv,
         Method::Pdrop,
@@ -65,9 +70,11 @@ impl Method {
             Method::Prumerge => "prumerge",
             Method::Pool => "pool",
             Method::Random => "random",
+            Method::Unified => "unified",
         }
     }
 
+    /// A hand-designed method by name.
     pub fn parse(name: &str) -> Result<Method> {
         Method::ALL
             .into_iter()
@@ -115,6 +122,9 @@ pub struct Stage {
     /// `random`: seed of the draw.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
+    /// `unified`: the operator's parameters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator: Option<Operator>,
 }
 
 impl Stage {
@@ -128,6 +138,22 @@ impl Stage {
             recycle: None,
             pivots: None,
             seed: None,
+            operator: None,
+        }
+    }
+
+    pub fn unified(layer: usize, keep: f64, operator: Operator) -> Stage {
+        Stage {
+            operator: Some(operator),
+            ..Stage::new(layer, Method::Unified, keep)
+        }
+    }
+
+    /// Whether the stage's signals come from the queries and keys of the layer before it.
+    pub fn uses_previous_layer(&self) -> bool {
+        match (&self.operator, self.method) {
+            (Some(op), Method::Unified) => op.source == Source::Previous,
+            _ => self.method.uses_previous_layer(),
         }
     }
 
@@ -284,6 +310,17 @@ impl Plan {
                 stage.method == Method::Dart,
             )?;
             extra("seed", stage.seed.is_some(), stage.method == Method::Random)?;
+            extra(
+                "operator",
+                stage.operator.is_some(),
+                stage.method == Method::Unified,
+            )?;
+            if stage.method == Method::Unified {
+                match &stage.operator {
+                    None => return fail("needs \"operator\"".into()),
+                    Some(op) => op.validate().or_else(|e| fail(e))?,
+                }
+            }
             if let Some(c) = stage.contextual
                 && !(0.0..1.0).contains(&c)
             {

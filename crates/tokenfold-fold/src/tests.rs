@@ -730,3 +730,198 @@ fn decoding_with_the_cache_after_a_reduced_prefill_equals_recomputation() {
         }
     }
 }
+
+// ---------------------------------------------------------------- the unified operator's presets
+
+fn apply_both(a: &Assignment, b: &Assignment, n: usize, seed: u64) -> f32 {
+    let x = tokens(&random_matrix(n, 6, seed));
+    let mut rng = ChaCha8Rng::seed_from_u64(seed + 1);
+    let sizes: Vec<f32> = (0..n).map(|_| rng.random_range(0.5f32..3.0)).collect();
+    let (ya, sa) = ops::apply(&x, &sizes, a).unwrap();
+    let (yb, sb) = ops::apply(&x, &sizes, b).unwrap();
+    assert_eq!(a.representative, b.representative);
+    for (u, v) in sa.iter().zip(&sb) {
+        assert_close(*u, *v, 1e-5, "sizes");
+    }
+    max_diff(&ya, &yb)
+}
+
+#[test]
+fn unified_presets_reproduce_each_operator_on_random_inputs() {
+    use crate::unified::{self, Candidates, Operator, Signal, Source, Tau};
+    let cells: Vec<(u32, u32)> = (0..64u32).map(|i| (i / 8, i % 8)).collect();
+    for seed in 0..5u64 {
+        let n = 64;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let scores: Vec<f32> = (0..n).map(|_| rng.random_range(0.0f32..1.0)).collect();
+        let metric = random_matrix(n, 8, seed + 10);
+        // Pruning: γ = 0 with the method's signal.
+        for k in [1, 7, 32, 63] {
+            let op = Operator::prune(Signal::Last, Source::Previous);
+            let unified = unified::operate(&op, &scores, None, &cells, k).unwrap();
+            assert_eq!(unified, ops::prune(&scores, k));
+        }
+        // ToMe, one bipartite round: γ = 1, τ = 0, bipartite candidates, the redundancy signal.
+        for r in [1, 10, 32] {
+            let op = Operator {
+                gamma: 1.0,
+                tau: Tau(0.0),
+                candidates: Candidates::Bipartite,
+                ..Operator::prune(Signal::Redundancy, Source::Previous)
+            };
+            let score = unified::redundancy_signal(&metric);
+            let unified = unified::operate(&op, &score, Some(&metric), &cells, n - r).unwrap();
+            let positions: Vec<u32> = (0..n as u32).collect();
+            let tome = ops::bipartite_merge(&metric, r).sorted_by(&positions);
+            assert!(apply_both(&unified, &tome, n, seed) < 1e-6, "tome r={r}");
+        }
+        // Pooling: γ = 1, τ = ∞, grid anchors inside windows.
+        for window in [2, 3, 4] {
+            let op = Operator {
+                gamma: 1.0,
+                window: Some(window),
+                ..Operator::prune(Signal::Grid, Source::Current)
+            };
+            let blocks = 8usize.div_ceil(window as usize).pow(2);
+            let grid = unified::grid_signal(&cells, window);
+            let unified = unified::operate(&op, &grid, None, &cells, blocks).unwrap();
+            let pooled = ops::pool(&cells, window);
+            assert!(
+                apply_both(&unified, &pooled, n, seed) < 1e-6,
+                "pool {window}"
+            );
+        }
+        // Soft redistribution in between: any γ, τ is ops::redistribute on the top-k anchors.
+        for (gamma, tau) in [(0.08, 0.22), (0.5, 1.0), (1.0, 0.05)] {
+            let op = Operator {
+                gamma,
+                tau: Tau(tau),
+                ..Operator::prune(Signal::Last, Source::Previous)
+            };
+            let unified = unified::operate(&op, &scores, Some(&metric), &cells, 16).unwrap();
+            let kept = ops::top_k(&scores, 16);
+            let soft = ops::redistribute(&metric, &kept, gamma as f32, tau as f32);
+            assert!(
+                apply_both(&unified, &soft, n, seed) < 1e-6,
+                "γ={gamma} τ={tau}"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_unified_operator_normalises_and_reweights_as_defined() {
+    use crate::unified::{self, Operator, Signal, Source, Tau};
+    // Two tokens: 0 kept, 1 removed into it; sizes 1 and 3, γ = 0.5.
+    let x = ops::tensor(&[vec![1.0, 0.0], vec![0.0, 1.0]], &Device::Cpu).unwrap();
+    let metric = Matrix::new(2, 2, vec![1.0, 0.0, 0.0, 1.0]);
+    for eta in [0.0f32, 0.5, 1.0] {
+        let op = Operator {
+            gamma: 0.5,
+            tau: Tau(1.0),
+            eta: eta as f64,
+            rho: 2.0,
+            ..Operator::prune(Signal::Last, Source::Previous)
+        };
+        let a = unified::operate(&op, &[1.0, 0.0], Some(&metric), &[(0, 0), (0, 1)], 1).unwrap();
+        let (y, sizes) = ops::apply(&x, &[1.0, 3.0], &a).unwrap();
+        // x' = (1·x0 + 0.5·3·x1) / (1 + η·0.5·3), s' = 1 + 1.5.
+        let den = 1.0 + eta * 1.5;
+        let y = rows_of(&y);
+        assert_close(y[0][0], 1.0 / den, 1e-6, "anchor share");
+        assert_close(y[0][1], 1.5 / den, 1e-6, "transferred share");
+        assert_close(sizes[0], 2.5, 1e-6, "size");
+        // ρ · z-score of the score (z of [1, 0] is [1, −1]).
+        assert_eq!(a.boost, vec![2.0]);
+    }
+}
+
+#[test]
+fn unified_presets_reproduce_each_method_inside_the_model() {
+    use crate::unified::unified_plan;
+    let mut expressed = std::collections::BTreeSet::new();
+    for summary in [false, true] {
+        let model = tiny_model(summary);
+        let g = Geometry::of(&model.config);
+        let inputs = prompts(&model, &[3, 6, 4], 5);
+        let mut plans: Vec<Plan> = Vec::new();
+        for budget in [0.6, 0.3, STANDARD_BUDGETS[2]] {
+            for method in Method::ALL {
+                if let Ok(plan) = fit(method, budget, g) {
+                    plans.push(plan);
+                }
+            }
+        }
+        // SparseVLM's selection alone (its recycling makes cluster tokens the operator cannot express).
+        let mut selection = fit(Method::Sparsevlm, 0.3, g).unwrap();
+        selection.stages.iter_mut().for_each(|s| s.recycle = None);
+        plans.push(selection);
+        for plan in plans {
+            let Some(unified) = unified_plan(&plan, g) else {
+                continue;
+            };
+            unified.validate(g.n_layers).unwrap();
+            let run = |plan: &Plan| {
+                let mut hook = FoldHook::new(&model, plan);
+                model
+                    .prefill(&inputs, &mut hook, &mut KvCache::default())
+                    .unwrap()
+            };
+            let diff = max_diff(&run(&plan), &run(&unified));
+            assert!(diff <= 1e-5, "{}: logits differ by {diff}", plan.name);
+            expressed.insert(plan.name.clone());
+        }
+    }
+    for name in ["fastv", "pdrop", "sparsevlm", "dart", "tome", "pool"] {
+        assert!(
+            expressed.contains(name),
+            "{name} was never expressed: {expressed:?}"
+        );
+    }
+}
+
+#[test]
+fn unified_stages_are_validated_with_the_parameter_named() {
+    use crate::unified::{Operator, Signal, Source};
+    let bad = |op: Operator, needle: &str| {
+        let plan = Plan {
+            name: "bad".into(),
+            proportional_attention: false,
+            stages: vec![Stage::unified(1, 0.5, op)],
+        };
+        let err = plan.validate(4).unwrap_err().to_string();
+        assert!(err.contains(needle), "{err}");
+    };
+    let base = Operator::prune(Signal::Last, Source::Previous);
+    bad(
+        Operator {
+            gamma: 1.5,
+            ..base.clone()
+        },
+        "gamma 1.5",
+    );
+    bad(
+        Operator {
+            signals: Default::default(),
+            ..base.clone()
+        },
+        "at least one signal",
+    );
+    bad(
+        Operator {
+            locality: Some(0.0),
+            ..base.clone()
+        },
+        "locality",
+    );
+    let text = r#"{"stages":[{"layer":1,"method":"unified","keep":0.2,
+        "operator":{"signals":{"last":1.0},"gamma":0.1,"tau":"inf"}}]}"#;
+    let plan: Plan = serde_json::from_str(text).unwrap();
+    plan.validate(4).unwrap();
+    let round_trip: Plan = serde_json::from_str(&serde_json::to_string(&plan).unwrap()).unwrap();
+    assert_eq!(plan, round_trip);
+    let wrong = r#"{"stages":[{"layer":1,"method":"unified","keep":0.2,
+        "operator":{"signals":{"last":1.0},"tau":"hot"}}]}"#;
+    let err = serde_json::from_str::<Plan>(wrong).unwrap_err().to_string();
+    assert!(err.contains("hot"), "{err}");
+}
