@@ -318,7 +318,7 @@ impl Plan {
             if stage.method == Method::Unified {
                 match &stage.operator {
                     None => return fail("needs \"operator\"".into()),
-                    Some(op) => op.validate().or_else(|e| fail(e))?,
+                    Some(op) => op.validate().or_else(&fail)?,
                 }
             }
             if let Some(c) = stage.contextual
