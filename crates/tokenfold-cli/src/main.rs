@@ -6,6 +6,7 @@ mod demo;
 mod fold;
 mod model;
 mod plot;
+mod search;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -77,6 +78,12 @@ enum Command {
         #[command(subcommand)]
         command: fold::FoldCommand,
     },
+    /// Efficient Operator Search: a differentiable search for where, how much and how to reduce visual
+    /// tokens at one budget; writes a plan that `fold eval` and `fold compare` run.
+    #[command(
+        after_help = "Examples:\n  tokenfold search --model runs/nmm-s --budget 0.111 --out results/search/plan-11.json\n  tokenfold fold compare --model runs/nmm-s --methods all,results/search/plan-11.json --budgets 0.111 --out results/fold"
+    )]
+    Search(search::SearchArgs),
     /// The main job for a new user: check the data, build the tokenizer and evaluation sets, show samples.
     #[command(
         after_help = "Example:\n  scripts/fetch-data.sh && tokenfold demo --out results/demo"
@@ -97,6 +104,7 @@ fn main() -> ExitCode {
         Command::Train(args) => model::run_train(args, &paths),
         Command::Eval(args) => model::run_eval(args, &paths),
         Command::Ask(args) => model::run_ask(args),
+        Command::Search(args) => search::run(args, &paths),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

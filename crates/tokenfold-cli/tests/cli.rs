@@ -358,6 +358,67 @@ fn train_eval_and_ask_run_end_to_end() {
     assert_eq!(figures["rows"].as_array().unwrap().len(), 2);
     assert!(figures["rows"][1]["full_ms"].as_f64().unwrap() > 0.0);
 
+    // A short search writes a plan within its budget, its report, and the plan runs.
+    let searched = dir.path().join("searched.json");
+    let out = tokenfold(
+        dir.path(),
+        &[
+            "search",
+            "--model",
+            run_arg,
+            "--budget",
+            "0.3",
+            "--steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--tasks",
+            "count",
+            "--out",
+            searched.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let plan: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&searched).unwrap()).unwrap();
+    assert!(plan["stages"][0]["method"] == "unified", "{plan}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("searched.report.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["trajectory"].as_array().unwrap().len(), 3);
+    assert!(report["plan_share"].as_f64().unwrap() <= 0.3);
+    let out = tokenfold(
+        dir.path(),
+        &[
+            "fold",
+            "eval",
+            "--model",
+            run_arg,
+            "--plan",
+            searched.to_str().unwrap(),
+            "--tasks",
+            "count",
+            "-n",
+            "3",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for (args, needle) in [
+        (&["--budget", "1.5"][..], "budget 1.5"),
+        (&["--budget", "0.1", "--tasks", "text"][..], "image task"),
+        (&["--budget", "0.1", "--steps", "0"][..], "steps 0"),
+    ] {
+        let mut full = vec!["search", "--model", run_arg, "--out", "unused.json"];
+        full.extend_from_slice(args);
+        let out = tokenfold(dir.path(), &full);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let stderr = text(&out.stderr);
+        assert!(
+            stderr.contains(needle) && !stderr.contains("panicked"),
+            "{args:?}: {stderr}"
+        );
+    }
+
     // A plan that does not fit the model names the stage and the field.
     let bad = dir.path().join("bad-plan.json");
     std::fs::write(

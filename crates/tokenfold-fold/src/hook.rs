@@ -320,23 +320,11 @@ impl<'a> FoldHook<'a> {
             None
         };
         let (b, t) = (state.batch(), state.len());
-        let key_bias: Option<Vec<f32>> = match &state.key_bias {
-            Some(kb) => Some(kb.flatten_all()?.to_vec1()?),
-            None => None,
-        };
+        let key_bias = host_key_bias(state)?;
         let mut samples: Vec<Vec<NewRow>> = Vec::with_capacity(b);
         let mut stage_groups: Vec<Vec<Vec<u32>>> = Vec::with_capacity(b);
         for s in 0..b {
-            let rows = s * t..(s + 1) * t;
-            let layout = RowLayout {
-                positions: &state.positions[rows.clone()],
-                is_image: &state.is_image[rows.clone()],
-                valid: &state.valid[rows.clone()],
-                key_bias: key_bias.as_ref().map(|kb| &kb[rows.clone()]),
-            };
-            let visual: Vec<usize> = (0..t)
-                .filter(|&j| layout.valid[j] && layout.is_image[j])
-                .collect();
+            let (layout, visual) = sample_view(state, key_bias.as_deref(), s);
             let mut new_rows: Vec<NewRow> = (0..t)
                 .filter(|&j| layout.valid[j] && !layout.is_image[j])
                 .map(|j| NewRow::copy(j, layout.positions[j], false, 1.0, 0.0))
@@ -540,6 +528,63 @@ impl<'a> FoldHook<'a> {
         })
     }
 
+    /// Reads each sample's layout (last prompt token, summary token, SparseVLM's raters) from a state
+    /// before layer 0, as the forward pass does; for callers that compute signals themselves (the search).
+    pub fn read_layout(&mut self, state: &SeqState) -> Result<()> {
+        self.read_layouts(state)
+    }
+
+    /// Every sample's `signals` over its valid visual rows, with the key metric (keys averaged over heads)
+    /// and grid cells of those rows, from the queries and keys `qk` of `state`; `targets` gives each
+    /// sample's kept count (DART's quotas and the grid stride depend on it). Call [`Self::read_layout`]
+    /// first.
+    pub fn signals(
+        &self,
+        state: &SeqState,
+        qk: &QueriesKeys,
+        signals: &[Signal],
+        targets: &[usize],
+    ) -> Result<Vec<SampleSignals>> {
+        let b = state.batch();
+        let normed: Option<Vec<Vec<Vec<f32>>>> = if signals.contains(&Signal::Duplication) {
+            Some(self.model.final_norm(&state.hidden)?.to_vec3()?)
+        } else {
+            None
+        };
+        let key_bias = host_key_bias(state)?;
+        (0..b)
+            .map(|s| {
+                let (layout, visual) = sample_view(state, key_bias.as_deref(), s);
+                if visual.is_empty() {
+                    return Ok(SampleSignals {
+                        visual,
+                        values: Vec::new(),
+                        metric: Matrix::new(0, 0, Vec::new()),
+                        cells: Vec::new(),
+                    });
+                }
+                let inputs = StageInputs {
+                    s,
+                    qk: Some(qk),
+                    normed: normed.as_ref().map(|n| &n[s]),
+                    layout: &layout,
+                    visual: &visual,
+                };
+                let target = targets.get(s).copied().unwrap_or(1).clamp(1, visual.len());
+                let values = signals
+                    .iter()
+                    .map(|&sig| Ok((sig, self.signal(sig, &inputs, target, 4, None)?)))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(SampleSignals {
+                    metric: qk.key_metric(s, &visual),
+                    cells: self.cells(s, &layout, &visual),
+                    values,
+                    visual,
+                })
+            })
+            .collect()
+    }
+
     /// Grid cells (row, column) of a sample's visual rows.
     fn cells(&self, s: usize, layout: &RowLayout, visual: &[usize]) -> Vec<(u32, u32)> {
         let start = self.layouts[s].image_start.unwrap_or(0);
@@ -687,6 +732,19 @@ impl<'a> FoldHook<'a> {
     }
 }
 
+/// One sample's ranking signals for a caller outside the hook (see [`FoldHook::signals`]).
+#[derive(Debug, Clone)]
+pub struct SampleSignals {
+    /// The sample's valid visual rows.
+    pub visual: Vec<usize>,
+    /// Per signal, its values over those rows.
+    pub values: Vec<(Signal, Vec<f32>)>,
+    /// Their keys averaged over heads, (rows, head_dim).
+    pub metric: Matrix,
+    /// Their grid cells (row, column).
+    pub cells: Vec<(u32, u32)>,
+}
+
 /// A row of the rebuilt sequence: a mix of old rows of its sample.
 struct NewRow {
     position: u32,
@@ -743,6 +801,35 @@ impl LayerHook for FoldHook<'_> {
             .iter()
             .any(|st| st.layer == layer + 1 && st.uses_previous_layer())
     }
+}
+
+/// The per-key bias of `state` on the host, if it has one.
+fn host_key_bias(state: &SeqState) -> Result<Option<Vec<f32>>> {
+    state
+        .key_bias
+        .as_ref()
+        .map(|kb| kb.flatten_all()?.to_vec1())
+        .transpose()
+}
+
+/// Sample `s`'s rows of `state` (with its slice of `key_bias`) and its valid visual rows.
+fn sample_view<'a>(
+    state: &'a SeqState,
+    key_bias: Option<&'a [f32]>,
+    s: usize,
+) -> (RowLayout<'a>, Vec<usize>) {
+    let t = state.len();
+    let rows = s * t..(s + 1) * t;
+    let layout = RowLayout {
+        positions: &state.positions[rows.clone()],
+        is_image: &state.is_image[rows.clone()],
+        valid: &state.valid[rows.clone()],
+        key_bias: key_bias.map(|kb| &kb[rows.clone()]),
+    };
+    let visual: Vec<usize> = (0..t)
+        .filter(|&j| layout.valid[j] && layout.is_image[j])
+        .collect();
+    (layout, visual)
 }
 
 fn fold_error(e: crate::FoldError) -> candle_core::Error {

@@ -478,6 +478,22 @@ impl NativeModel {
         })
     }
 
+    /// A copy whose parameters are plain tensors rather than variables, sharing their storage: gradients
+    /// flow through it to its inputs (a search's parameters) without being computed for its own weights.
+    /// Its `varmap` is empty.
+    pub fn frozen(&self) -> Result<NativeModel> {
+        let tensors: std::collections::HashMap<String, Tensor> = self
+            .varmap
+            .data()
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned variable map".into()))?
+            .iter()
+            .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
+            .collect();
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &self.device);
+        Self::build(self.config.clone(), VarMap::new(), vb, &self.device)
+    }
+
     /// Loads weights from a safetensors file written by [`NativeModel::save`].
     pub fn load(
         config: ModelConfig,
@@ -671,41 +687,62 @@ impl NativeModel {
         normed.matmul(&self.lm_head.as_ref().unwrap_or(&self.embed_tokens).t()?)
     }
 
-    /// Per-target negative log-likelihoods of a training batch: for each sample, the mean over its masked
-    /// tokens. Returns (per-sample mean NLL (b,), per-sample target-token counts).
-    pub fn sample_losses(&self, batch: &Batch) -> Result<(Tensor, Vec<usize>)> {
+    /// The logits (n, vocab) at every target token of a training batch with `hook` in the forward pass:
+    /// hidden row j − 1 predicts token j wherever token j is a target. Returns the logits, the target ids
+    /// (n,) and the sample of each row.
+    pub fn target_logits(
+        &self,
+        batch: &Batch,
+        hook: &mut dyn LayerHook,
+    ) -> Result<(Tensor, Tensor, Vec<usize>)> {
         let inputs = Inputs::from_batch(batch, &self.device)?;
-        let state = self.forward(self.embed(&inputs)?, &mut NoHook, None)?;
+        let state = self.forward(self.embed(&inputs)?, hook, None)?;
         let (b, t) = (batch.batch_size, batch.seq_len);
-        // Hidden row j − 1 predicts token j wherever token j is a target.
+        if state.len() != t {
+            candle_core::bail!(
+                "target logits need a hook that keeps every row ({t} → {})",
+                state.len()
+            );
+        }
         let mut rows = Vec::new();
         let mut targets = Vec::new();
-        let mut counts = vec![0usize; b];
-        for (s, count) in counts.iter_mut().enumerate() {
+        let mut samples = Vec::new();
+        for s in 0..b {
             for j in 1..t {
                 if batch.loss_mask[s * t + j] > 0.0 {
                     rows.push((s * t + j - 1) as u32);
                     targets.push(batch.tokens[s * t + j]);
-                    *count += 1;
+                    samples.push(s);
                 }
             }
         }
-        let n = rows.len();
-        // Sample membership (b, n) scaled by 1/count: the per-sample mean NLL as one matmul.
-        let mut weights = vec![0f32; b * n];
-        for (r, &row) in rows.iter().enumerate() {
-            let s = row as usize / t;
-            weights[s * n + r] = 1.0 / counts[s] as f32;
-        }
-        if n == 0 {
+        if rows.is_empty() {
             candle_core::bail!("the batch has no target tokens");
         }
+        let n = rows.len();
         let hidden = state.hidden.reshape((b * t, self.config.d_model))?;
         let selected = hidden.index_select(&Tensor::from_vec(rows, n, &self.device)?, 0)?;
-        let nll = cross_entropy_rows(
-            &self.logits(&selected)?,
-            &Tensor::from_vec(targets, n, &self.device)?,
-        )?;
+        Ok((
+            self.logits(&selected)?,
+            Tensor::from_vec(targets, n, &self.device)?,
+            samples,
+        ))
+    }
+
+    /// Per-target negative log-likelihoods of a training batch: for each sample, the mean over its masked
+    /// tokens. Returns (per-sample mean NLL (b,), per-sample target-token counts).
+    pub fn sample_losses(&self, batch: &Batch) -> Result<(Tensor, Vec<usize>)> {
+        let (logits, targets, samples) = self.target_logits(batch, &mut NoHook)?;
+        let b = batch.batch_size;
+        let n = samples.len();
+        let mut counts = vec![0usize; b];
+        samples.iter().for_each(|&s| counts[s] += 1);
+        // Sample membership (b, n) scaled by 1/count: the per-sample mean NLL as one matmul.
+        let mut weights = vec![0f32; b * n];
+        for (r, &s) in samples.iter().enumerate() {
+            weights[s * n + r] = 1.0 / counts[s] as f32;
+        }
+        let nll = cross_entropy_rows(&logits, &targets)?;
         let membership = Tensor::from_vec(weights, (b, n), &self.device)?;
         let per_sample = membership.matmul(&nll.unsqueeze(1)?)?.squeeze(1)?;
         Ok((per_sample, counts))
