@@ -380,6 +380,7 @@ fn run_compare(args: CompareArgs, paths: &DataPaths) -> Result<()> {
             None => series.push(Series {
                 name: report.plan.name.clone(),
                 points: vec![point],
+                line: true,
             }),
         }
     }
@@ -390,6 +391,7 @@ fn run_compare(args: CompareArgs, paths: &DataPaths) -> Result<()> {
         series.push(Series {
             name: "full model".into(),
             points: vec![(100.0, 100.0 * full.mean_accuracy)],
+            line: true,
         });
     }
     let title = format!("Accuracy against prefill FLOPs ({})", args.model.display());

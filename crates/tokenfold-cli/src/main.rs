@@ -6,6 +6,7 @@ mod demo;
 mod fold;
 mod model;
 mod plot;
+mod scaling;
 mod search;
 
 use std::path::PathBuf;
@@ -84,6 +85,17 @@ enum Command {
         after_help = "Examples:\n  tokenfold search --model runs/nmm-s --budget 0.111 --out results/search/plan-11.json\n  tokenfold fold compare --model runs/nmm-s --methods all,results/search/plan-11.json --budgets 0.111 --out results/fold"
     )]
     Search(search::SearchArgs),
+    /// Fit scaling laws to a runs file: L(N, D) Chinchilla-style, compute-optimal N* and D*, the
+    /// loss–compute frontier, bootstrap intervals, held-out error and the compression-factor law.
+    #[command(
+        after_help = "Examples:\n  tokenfold fit results/study/runs.jsonl --report results/study\n  tokenfold fit runs.jsonl --target caption --holdout 'params>=5e6'\n  tokenfold fit my-runs.csv --bootstrap 0   # columns n,d,loss[,flops]"
+    )]
+    Fit(scaling::FitArgs),
+    /// Scaling sweeps: train a grid of model sizes × token budgets × mixtures, one record per run.
+    Sweep {
+        #[command(subcommand)]
+        command: scaling::SweepCommand,
+    },
     /// The main job for a new user: check the data, build the tokenizer and evaluation sets, show samples.
     #[command(
         after_help = "Example:\n  scripts/fetch-data.sh && tokenfold demo --out results/demo"
@@ -105,6 +117,8 @@ fn main() -> ExitCode {
         Command::Eval(args) => model::run_eval(args, &paths),
         Command::Ask(args) => model::run_ask(args),
         Command::Search(args) => search::run(args, &paths),
+        Command::Fit(args) => scaling::run_fit(args),
+        Command::Sweep { command } => scaling::run_sweep(command, &paths),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

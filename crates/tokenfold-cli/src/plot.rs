@@ -23,6 +23,8 @@ pub const FONT_PATHS: [&str; 6] = [
 pub struct Series {
     pub name: String,
     pub points: Vec<(f64, f64)>,
+    /// Join the points with a line (otherwise markers only).
+    pub line: bool,
 }
 
 pub struct Chart<'a> {
@@ -81,13 +83,11 @@ where
         .map_err(style)?;
     for (i, s) in chart.series.iter().enumerate() {
         let colour = COLOURS[i % COLOURS.len()];
-        ctx.draw_series(LineSeries::new(
-            s.points.iter().copied(),
-            colour.stroke_width(2),
-        ))
-        .map_err(style)?
-        .label(s.name.clone())
-        .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], colour.stroke_width(2)));
+        let line = if s.line { s.points.clone() } else { Vec::new() };
+        ctx.draw_series(LineSeries::new(line, colour.stroke_width(2)))
+            .map_err(style)?
+            .label(s.name.clone())
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], colour.stroke_width(2)));
         ctx.draw_series(s.points.iter().map(|&p| Circle::new(p, 4, colour.filled())))
             .map_err(style)?;
     }

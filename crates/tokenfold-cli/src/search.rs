@@ -26,10 +26,13 @@ pub struct SearchArgs {
     /// Image tasks whose training-split samples the search optimises for (`all`: every image task).
     #[arg(long, default_value = "all")]
     pub tasks: String,
+    /// Optimisation steps (the first half explores layer activations, the second tunes the chosen layers).
     #[arg(long, default_value_t = 300)]
     pub steps: usize,
+    /// Training-split samples per step.
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
+    /// Learning rate of the search variables (AdamW, no weight decay).
     #[arg(long, default_value_t = 0.05)]
     pub lr: f64,
     /// Weight of the KL term to the unreduced model's answer distribution.

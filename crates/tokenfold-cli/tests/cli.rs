@@ -510,3 +510,167 @@ fn model_commands_give_clear_errors() {
     assert_eq!(out.status.code(), Some(1));
     assert!(!text(&out.stderr).contains("panicked"));
 }
+
+#[test]
+fn sweep_records_runs_in_shards_and_fit_reports_on_them() {
+    let dir = tempfile::tempdir().unwrap();
+    write_fixture(dir.path()).unwrap();
+    let base = dir.path().join("tiny.toml");
+    std::fs::write(&base, TINY_RUN).unwrap();
+    let grid = dir.path().join("grid.toml");
+    let widths: String = [(16, 2), (24, 2), (32, 2)]
+        .iter()
+        .map(|(d, heads)| {
+            format!("[[width]]\nname = \"d{d}\"\nd_model = {d}\nn_layers = 2\nn_heads = {heads}\nd_ff = {}\n", 2 * d)
+        })
+        .collect();
+    std::fs::write(
+        &grid,
+        format!(
+            "name = \"tiny\"\nbase = \"{}\"\nsteps = [2, 4]\neval_samples = 3\n{widths}",
+            base.display()
+        ),
+    )
+    .unwrap();
+    let (grid_arg, out) = (grid.to_str().unwrap(), dir.path().join("study"));
+    let out_arg = out.to_str().unwrap();
+    let records = out.join("runs.jsonl");
+    let count = || std::fs::read_to_string(&records).map_or(0, |t| t.lines().count());
+
+    // Two shards share the grid's six runs; a rerun skips everything recorded.
+    for (shard, expected) in [("0/2", 3), ("1/2", 6)] {
+        let out = tokenfold(
+            dir.path(),
+            &[
+                "sweep", "run", grid_arg, "--out", out_arg, "--shard", shard, "--quiet",
+            ],
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(count(), expected);
+    }
+    let again = tokenfold(
+        dir.path(),
+        &["sweep", "run", grid_arg, "--out", out_arg, "--quiet"],
+    );
+    assert!(
+        text(&again.stderr).contains("trained 0, skipped 6"),
+        "{}",
+        text(&again.stderr)
+    );
+    assert_eq!(count(), 6);
+    let listed =
+        text(&tokenfold(dir.path(), &["sweep", "list", grid_arg, "--out", out_arg]).stdout);
+    assert_eq!(listed.matches("| recorded |").count(), 6, "{listed}");
+
+    let runs: Vec<serde_json::Value> = std::fs::read_to_string(&records)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for run in &runs {
+        let (n, d) = (
+            run["params"].as_f64().unwrap(),
+            run["tokens"].as_f64().unwrap(),
+        );
+        let by = &run["tokens_by_modality"];
+        assert_eq!(
+            by["image"].as_f64().unwrap() + by["text"].as_f64().unwrap(),
+            d
+        );
+        assert_eq!(run["flops"].as_f64().unwrap(), 6.0 * n * d);
+        assert!(run["flops_detailed"].as_f64().unwrap() > 0.0);
+        for task in ["count", "caption", "text"] {
+            let loss = run["val_loss"][task].as_f64().unwrap();
+            assert!(loss.is_finite() && loss > 0.0, "{run}");
+        }
+    }
+    // More steps, more tokens, same parameters.
+    let find = |name: &str| runs.iter().find(|r| r["name"] == name).unwrap();
+    let (short, long) = (find("early-d16-s2-default"), find("early-d16-s4-default"));
+    assert_eq!(short["params"], long["params"]);
+    assert!(long["tokens"].as_f64().unwrap() > short["tokens"].as_f64().unwrap());
+
+    let report = dir.path().join("report");
+    let out = tokenfold(
+        dir.path(),
+        &[
+            "fit",
+            records.to_str().unwrap(),
+            "--grid",
+            "coarse",
+            "--bootstrap",
+            "4",
+            "--report",
+            report.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("## early (6 runs fitted") && stdout.contains("| closed form |"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("Compression-factor law"), "{stdout}");
+    let fit: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(report.join("fit.json")).unwrap()).unwrap();
+    assert!(fit["families"][0]["fit"]["law"]["alpha"].is_f64());
+    for plot in ["loss-vs-flops", "iso-flops", "optimal-allocation"] {
+        assert!(
+            report.join(format!("{plot}.svg")).is_file()
+                && report.join(format!("{plot}.png")).is_file()
+        );
+    }
+
+    let slurm = text(
+        &tokenfold(
+            dir.path(),
+            &[
+                "sweep", "slurm", grid_arg, "--out", out_arg, "--shards", "3",
+            ],
+        )
+        .stdout,
+    );
+    assert!(
+        slurm.contains("#SBATCH --array=0-2")
+            && slurm.contains("--shard \"${SLURM_ARRAY_TASK_ID}/3\""),
+        "{slurm}"
+    );
+
+    // Bad input names what is wrong.
+    let err = text(
+        &tokenfold(
+            dir.path(),
+            &["sweep", "run", grid_arg, "--out", out_arg, "--shard", "2/2"],
+        )
+        .stderr,
+    );
+    assert!(err.contains("--shard `2/2`"), "{err}");
+    std::fs::write(
+        &grid,
+        format!(
+            "name = \"x\"\nbase = \"{}\"\narchitectures = [\"late\"]\nsteps = [2]\n{widths}",
+            base.display()
+        ),
+    )
+    .unwrap();
+    let err = text(&tokenfold(dir.path(), &["sweep", "list", grid_arg]).stderr);
+    assert!(
+        err.contains("grid.toml") && err.contains("`late` cannot be swept yet"),
+        "{err}"
+    );
+    let err = text(
+        &tokenfold(
+            dir.path(),
+            &["fit", records.to_str().unwrap(), "--target", "speech"],
+        )
+        .stderr,
+    );
+    assert!(err.contains("has no validation loss `speech`"), "{err}");
+    let csv = dir.path().join("runs.csv");
+    std::fs::write(&csv, "n,d,loss\n1e6,1e8,3.2\n2e6,oops,3.1\n").unwrap();
+    let err = text(&tokenfold(dir.path(), &["fit", csv.to_str().unwrap()]).stderr);
+    assert!(
+        err.contains("runs.csv: line 3: d `oops` is not a number"),
+        "{err}"
+    );
+}

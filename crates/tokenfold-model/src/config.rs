@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::moe::MoeConfig;
+
 use crate::error::{ModelError, Result};
 
 /// Shape of an early-fusion native multimodal model.
@@ -33,6 +35,9 @@ pub struct ModelConfig {
     pub rope_theta: f64,
     #[serde(default = "norm_eps")]
     pub norm_eps: f64,
+    /// Mixture-of-experts FFNs in every layer instead of one SwiGLU MLP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moe: Option<MoeConfig>,
 }
 
 fn yes() -> bool {
@@ -120,6 +125,7 @@ impl ModelConfig {
             summary_token: false,
             rope_theta: rope_theta(),
             norm_eps: norm_eps(),
+            moe: None,
         }
     }
 
@@ -161,14 +167,39 @@ impl ModelConfig {
                 "rope_theta must exceed 1 and norm_eps be positive".into(),
             );
         }
+        if let Some(moe) = &self.moe {
+            moe.validate().or_else(|message| fail("moe", message))?;
+        }
         Ok(())
     }
 
-    /// Trainable parameters, counted from the shapes.
+    /// Trainable parameters, counted from the shapes (every expert of a mixture).
     pub fn parameter_count(&self) -> usize {
+        let experts = self.moe.as_ref().map_or(1, |m| m.experts);
+        self.count_with_experts(experts)
+    }
+
+    /// Parameters one token passes through: with mixture-of-experts FFNs, the router and its top-k
+    /// experts; the total for a dense model.
+    pub fn active_parameter_count(&self) -> usize {
+        let top_k = self.moe.as_ref().map_or(1, |m| m.top_k);
+        self.count_with_experts(top_k)
+    }
+
+    /// Active parameters without the token embedding and output head.
+    pub fn non_embedding_active_parameter_count(&self) -> usize {
+        self.active_parameter_count() - self.embedding_parameter_count()
+    }
+
+    fn embedding_parameter_count(&self) -> usize {
+        self.vocab_size * self.d_model * if self.tie_embeddings { 1 } else { 2 }
+    }
+
+    fn count_with_experts(&self, experts: usize) -> usize {
         let d = self.d_model;
         let attention = 4 * d * d + if self.qk_norm { 2 * self.head_dim() } else { 0 };
-        let mlp = 3 * d * self.d_ff;
+        let router = self.moe.as_ref().map_or(0, |m| m.experts * d);
+        let mlp = experts * 3 * d * self.d_ff + router;
         let per_layer = attention + mlp + 2 * d;
         let embeddings = self.vocab_size * d * if self.tie_embeddings { 1 } else { 2 };
         let image = self.patch_dim * d + d + 2 * self.image_grid * d;
@@ -177,7 +208,6 @@ impl ModelConfig {
 
     /// Parameters excluding the token embedding and output head (the N of scaling laws).
     pub fn non_embedding_parameter_count(&self) -> usize {
-        self.parameter_count()
-            - self.vocab_size * self.d_model * if self.tie_embeddings { 1 } else { 2 }
+        self.parameter_count() - self.embedding_parameter_count()
     }
 }

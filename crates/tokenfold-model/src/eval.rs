@@ -166,13 +166,27 @@ pub fn evaluate_with(
     Ok(results)
 }
 
-fn text_result(
+/// Cross-entropy of one set's target tokens (the answer for image tasks, the whole text for text).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SetLoss {
+    pub set: String,
+    pub task: Task,
+    pub samples: usize,
+    pub target_tokens: usize,
+    /// UTF-8 bytes of the target text.
+    pub target_bytes: usize,
+    pub nll_per_token: f64,
+    pub bits_per_byte: f64,
+}
+
+/// Teacher-forced cross-entropy of `samples`' targets, in nats per token and bits per byte.
+fn target_loss(
     model: &NativeModel,
     tokenizer: &TextTokenizer,
     seq: &SequenceConfig,
     samples: &[Sample],
     batch_size: usize,
-) -> Result<SetResult> {
+) -> Result<(f64, usize, usize)> {
     let (mut nll, mut tokens, mut bytes) = (0f64, 0usize, 0usize);
     for chunk in samples.chunks(batch_size.max(1)) {
         let batch = Batch::from_samples(chunk, tokenizer, seq)?;
@@ -182,12 +196,83 @@ fn text_result(
             tokens += count;
         }
         for s in 0..batch.batch_size {
-            // The text the targets cover: every token after <|bos|>, without <|eos|>.
-            let row =
-                &batch.tokens[s * batch.seq_len + 1..s * batch.seq_len + batch.lengths[s] - 1];
-            bytes += tokenizer.decode(row)?.len();
+            // The text the targets cover (special tokens such as <|eos|> decode to nothing).
+            let row = s * batch.seq_len..s * batch.seq_len + batch.lengths[s];
+            let targets: Vec<u32> = batch.tokens[row.clone()]
+                .iter()
+                .zip(&batch.loss_mask[row])
+                .filter(|(_, m)| **m > 0.0)
+                .map(|(t, _)| *t)
+                .collect();
+            bytes += tokenizer.decode(&targets)?.len();
         }
     }
+    Ok((nll, tokens, bytes))
+}
+
+/// Validation loss of every set: nats per target token and bits per byte of target text.
+pub fn validation_losses(
+    model: &NativeModel,
+    tokenizer: &TextTokenizer,
+    assets: &Assets,
+    seq: &SequenceConfig,
+    specs: &[EvalSpec],
+    n: usize,
+    batch_size: usize,
+) -> Result<Vec<SetLoss>> {
+    specs
+        .iter()
+        .map(|spec| {
+            let samples = spec.build(assets, n);
+            let (nll, tokens, bytes) = target_loss(model, tokenizer, seq, &samples, batch_size)?;
+            Ok(SetLoss {
+                set: spec.to_string(),
+                task: spec.task,
+                samples: samples.len(),
+                target_tokens: tokens,
+                target_bytes: bytes,
+                nll_per_token: nll / tokens.max(1) as f64,
+                bits_per_byte: nll / std::f64::consts::LN_2 / bytes.max(1) as f64,
+            })
+        })
+        .collect()
+}
+
+/// Tokens each expert of every mixture-of-experts layer receives on `specs`' samples (empty for a
+/// dense model): the data of the per-layer specialisation score.
+pub fn routing_statistics(
+    model: &NativeModel,
+    tokenizer: &TextTokenizer,
+    assets: &Assets,
+    seq: &SequenceConfig,
+    specs: &[EvalSpec],
+    n: usize,
+    batch_size: usize,
+) -> Result<Vec<crate::moe::LayerRouting>> {
+    let mut totals: Vec<crate::moe::LayerRouting> = Vec::new();
+    for spec in specs {
+        let samples = spec.build(assets, n);
+        for chunk in samples.chunks(batch_size.max(1)) {
+            let batch = Batch::from_samples(chunk, tokenizer, seq)?;
+            let inputs = Inputs::from_batch(&batch, model.device())?;
+            let state = model.forward(model.embed(&inputs)?, &mut NoHook, None)?;
+            totals.resize(state.routing.len(), Default::default());
+            for (total, layer) in totals.iter_mut().zip(&state.routing) {
+                total.add(layer);
+            }
+        }
+    }
+    Ok(totals)
+}
+
+fn text_result(
+    model: &NativeModel,
+    tokenizer: &TextTokenizer,
+    seq: &SequenceConfig,
+    samples: &[Sample],
+    batch_size: usize,
+) -> Result<SetResult> {
+    let (nll, tokens, bytes) = target_loss(model, tokenizer, seq, samples, batch_size)?;
     Ok(SetResult {
         set: String::new(),
         task: Task::Text,

@@ -10,6 +10,7 @@ pub mod config;
 pub mod error;
 pub mod eval;
 pub mod model;
+pub mod moe;
 pub mod ops;
 pub mod optim;
 pub mod train;

@@ -23,6 +23,7 @@ use rand_chacha::ChaCha8Rng;
 use tokenfold_data::Batch;
 
 use crate::config::ModelConfig;
+use crate::moe::{LayerRouting, Moe};
 use crate::ops::{
     MASKED, apply_rope, attention, cross_entropy_rows, rms_norm, rope_tables, swiglu,
 };
@@ -68,6 +69,10 @@ pub struct SeqState {
     pub key_bias: Option<Tensor>,
     /// Queries and keys (b, h, t, hd) of the layer just run, when the hook asked for them.
     pub captured: Option<(Tensor, Tensor)>,
+    /// Sum of the mixture-of-experts layers' auxiliary losses (weighted), when there are any.
+    pub aux_loss: Option<Tensor>,
+    /// Per mixture-of-experts layer, the tokens each expert received.
+    pub routing: Vec<LayerRouting>,
 }
 
 impl SeqState {
@@ -223,13 +228,31 @@ struct Attention {
     k_norm: Option<Tensor>,
 }
 
+/// A layer's feed-forward part: one SwiGLU MLP, or a mixture of experts.
+enum Ffn {
+    Dense {
+        gate_proj: Linear,
+        up_proj: Linear,
+        down_proj: Linear,
+    },
+    Experts(Moe),
+}
+
 struct Block {
     attn_norm: Tensor,
     attn: Attention,
     mlp_norm: Tensor,
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    ffn: Ffn,
+}
+
+/// What one layer hands back: the new hidden state, its queries and keys, and for MoE layers the
+/// auxiliary loss and routing.
+struct LayerOutput {
+    hidden: Tensor,
+    q: Tensor,
+    k: Tensor,
+    aux_loss: Option<Tensor>,
+    routing: Option<LayerRouting>,
 }
 
 fn linear(
@@ -275,9 +298,22 @@ impl Block {
                     .transpose()?,
             },
             mlp_norm: ones(&vb, d, "mlp_norm.weight")?,
-            gate_proj: linear(&vb.pp("mlp"), d, cfg.d_ff, std, "gate_proj")?,
-            up_proj: linear(&vb.pp("mlp"), d, cfg.d_ff, std, "up_proj")?,
-            down_proj: linear(&vb.pp("mlp"), cfg.d_ff, d, out_std, "down_proj")?,
+            ffn: match &cfg.moe {
+                None => Ffn::Dense {
+                    gate_proj: linear(&vb.pp("mlp"), d, cfg.d_ff, std, "gate_proj")?,
+                    up_proj: linear(&vb.pp("mlp"), d, cfg.d_ff, std, "up_proj")?,
+                    down_proj: linear(&vb.pp("mlp"), cfg.d_ff, d, out_std, "down_proj")?,
+                },
+                Some(moe) => Ffn::Experts(Moe::new(
+                    moe,
+                    d,
+                    cfg.d_ff,
+                    |vb, i, o, output, name| {
+                        linear(vb, i, o, if output { out_std } else { std }, name)
+                    },
+                    &vb.pp("moe"),
+                )?),
+            },
         })
     }
 
@@ -314,6 +350,7 @@ impl Block {
 
     /// One layer. `cache`, when given, receives this call's keys and values (and their validity and key
     /// bias) appended to what it holds; `bias` must then cover the cached keys followed by the new ones.
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         x: &Tensor,
@@ -322,7 +359,8 @@ impl Block {
         cfg: &ModelConfig,
         cache: Option<&mut Option<LayerCache>>,
         new_keys: (&[bool], &[f32]),
-    ) -> Result<(Tensor, Tensor, Tensor)> {
+        is_image: &[bool],
+    ) -> Result<LayerOutput> {
         let (b, t, d) = x.dims3()?;
         let (q, k, v) = self.queries_keys(x, rope, cfg, true)?;
         let v = v.ok_or_else(|| candle_core::Error::Msg("values were not computed".into()))?;
@@ -365,11 +403,31 @@ impl Block {
             .reshape((b, t, d))?;
         let x = (x + self.attn.o_proj.forward(&attended)?)?;
         let normed = rms_norm(&x, &self.mlp_norm, cfg.norm_eps)?;
-        let mlp = self.down_proj.forward(&swiglu(
-            &self.gate_proj.forward(&normed)?,
-            &self.up_proj.forward(&normed)?,
-        )?)?;
-        Ok(((x + mlp)?, q, k))
+        let (mlp, aux_loss, routing) = match &self.ffn {
+            Ffn::Dense {
+                gate_proj,
+                up_proj,
+                down_proj,
+            } => (
+                down_proj.forward(&swiglu(
+                    &gate_proj.forward(&normed)?,
+                    &up_proj.forward(&normed)?,
+                )?)?,
+                None,
+                None,
+            ),
+            Ffn::Experts(moe) => {
+                let out = moe.forward(&normed, is_image, new_valid)?;
+                (out.output, out.aux_loss, Some(out.routing))
+            }
+        };
+        Ok(LayerOutput {
+            hidden: (x + mlp)?,
+            q,
+            k,
+            aux_loss,
+            routing,
+        })
     }
 }
 
@@ -585,6 +643,8 @@ impl NativeModel {
             valid,
             key_bias: None,
             captured: None,
+            aux_loss: None,
+            routing: Vec::new(),
         })
     }
 
@@ -633,16 +693,26 @@ impl NativeModel {
                 (Some(_), Some(bias)) => bias.flatten_all()?.to_vec1::<f32>()?,
                 _ => vec![0.0; state.valid.len()],
             };
-            let (hidden, q, k) = block.forward(
+            let out = block.forward(
                 &state.hidden,
                 (&rope.0, &rope.1),
                 bias,
                 &self.config,
                 slot,
                 (&state.valid, &key_bias),
+                &state.is_image,
             )?;
-            state.hidden = hidden;
-            state.captured = hook.capture(i).then_some((q, k));
+            state.hidden = out.hidden;
+            state.captured = hook.capture(i).then_some((out.q, out.k));
+            if let Some(aux) = out.aux_loss {
+                state.aux_loss = Some(match state.aux_loss.take() {
+                    Some(total) => (total + aux)?,
+                    None => aux,
+                });
+            }
+            if let Some(routing) = out.routing {
+                state.routing.push(routing);
+            }
         }
         if let Some(cache) = cache {
             let t = state.len();
@@ -695,6 +765,16 @@ impl NativeModel {
         batch: &Batch,
         hook: &mut dyn LayerHook,
     ) -> Result<(Tensor, Tensor, Vec<usize>)> {
+        let (logits, targets, samples, _) = self.target_logits_with_aux(batch, hook)?;
+        Ok((logits, targets, samples))
+    }
+
+    /// [`Self::target_logits`] plus the forward pass's mixture-of-experts auxiliary loss.
+    fn target_logits_with_aux(
+        &self,
+        batch: &Batch,
+        hook: &mut dyn LayerHook,
+    ) -> Result<(Tensor, Tensor, Vec<usize>, Option<Tensor>)> {
         let inputs = Inputs::from_batch(batch, &self.device)?;
         let state = self.forward(self.embed(&inputs)?, hook, None)?;
         let (b, t) = (batch.batch_size, batch.seq_len);
@@ -726,13 +806,20 @@ impl NativeModel {
             self.logits(&selected)?,
             Tensor::from_vec(targets, n, &self.device)?,
             samples,
+            state.aux_loss,
         ))
     }
 
     /// Per-target negative log-likelihoods of a training batch: for each sample, the mean over its masked
     /// tokens. Returns (per-sample mean NLL (b,), per-sample target-token counts).
     pub fn sample_losses(&self, batch: &Batch) -> Result<(Tensor, Vec<usize>)> {
-        let (logits, targets, samples) = self.target_logits(batch, &mut NoHook)?;
+        let (per_sample, counts, _) = self.losses_and_aux(batch)?;
+        Ok((per_sample, counts))
+    }
+
+    /// [`Self::sample_losses`] plus the mixture-of-experts auxiliary loss of the same forward pass.
+    fn losses_and_aux(&self, batch: &Batch) -> Result<(Tensor, Vec<usize>, Option<Tensor>)> {
+        let (logits, targets, samples, aux) = self.target_logits_with_aux(batch, &mut NoHook)?;
         let b = batch.batch_size;
         let n = samples.len();
         let mut counts = vec![0usize; b];
@@ -745,13 +832,18 @@ impl NativeModel {
         let nll = cross_entropy_rows(&logits, &targets)?;
         let membership = Tensor::from_vec(weights, (b, n), &self.device)?;
         let per_sample = membership.matmul(&nll.unsqueeze(1)?)?.squeeze(1)?;
-        Ok((per_sample, counts))
+        Ok((per_sample, counts, aux))
     }
 
     /// The training loss: the mean over samples of each sample's mean NLL over its target tokens, so that
     /// a long text passage and a one-token answer weigh the same.
     pub fn loss(&self, batch: &Batch) -> Result<Tensor> {
-        self.sample_losses(batch)?.0.mean_all()
+        let (per_sample, _, aux) = self.losses_and_aux(batch)?;
+        let loss = per_sample.mean_all()?;
+        match aux {
+            Some(aux) => loss + aux,
+            None => Ok(loss),
+        }
     }
 
     /// Prefills prompts, filling `cache`; returns the logits (b, vocab) at each sample's last real token.
@@ -788,6 +880,7 @@ impl NativeModel {
         let rope = self.rope_for(&positions, b, 1)?;
         let new_valid = vec![true; b];
         let new_bias = vec![0f32; b];
+        let text = vec![false; b];
         for (i, block) in self.blocks.iter().enumerate() {
             let layer = cache.layers[i]
                 .as_ref()
@@ -813,8 +906,9 @@ impl NativeModel {
                     &self.config,
                     Some(&mut cache.layers[i]),
                     (&new_valid, &new_bias),
+                    &text,
                 )?
-                .0;
+                .hidden;
         }
         for p in cache.next_positions.iter_mut() {
             *p += 1;

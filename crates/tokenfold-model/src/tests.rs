@@ -379,6 +379,20 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
+/// Appends each sample's token after its own last real token.
+fn append_tokens(inputs: &mut Inputs, next: &[u32]) {
+    let (b, t) = inputs.tokens.dims2().unwrap();
+    let old: Vec<u32> = inputs.tokens.flatten_all().unwrap().to_vec1().unwrap();
+    let mut grown = vec![fixture().tokenizer.special.pad; b * (t + 1)];
+    for s in 0..b {
+        let len = inputs.lengths[s];
+        grown[s * (t + 1)..s * (t + 1) + len].copy_from_slice(&old[s * t..s * t + len]);
+        grown[s * (t + 1) + len] = next[s];
+        inputs.lengths[s] += 1;
+    }
+    inputs.tokens = Tensor::from_vec(grown, (b, t + 1), &Device::Cpu).unwrap();
+}
+
 #[test]
 fn kv_cache_decoding_matches_full_recomputation_with_batch_and_padding() {
     let model = NativeModel::new(tiny_config(), 4, &Device::Cpu).unwrap();
@@ -397,17 +411,7 @@ fn kv_cache_decoding_matches_full_recomputation_with_batch_and_padding() {
             "step {step}: cached and recomputed logits differ"
         );
         let next: Vec<u32> = logits.argmax(D::Minus1).unwrap().to_vec1().unwrap();
-        // Append each sample's token after its own last real token.
-        let (b, t) = inputs.tokens.dims2().unwrap();
-        let old: Vec<u32> = inputs.tokens.flatten_all().unwrap().to_vec1().unwrap();
-        let mut grown = vec![fixture().tokenizer.special.pad; b * (t + 1)];
-        for s in 0..b {
-            let len = inputs.lengths[s];
-            grown[s * (t + 1)..s * (t + 1) + len].copy_from_slice(&old[s * t..s * t + len]);
-            grown[s * (t + 1) + len] = next[s];
-            inputs.lengths[s] += 1;
-        }
-        inputs.tokens = Tensor::from_vec(grown, (b, t + 1), &Device::Cpu).unwrap();
+        append_tokens(&mut inputs, &next);
         logits = model.decode_step(&next, &mut cache).unwrap();
     }
 }
@@ -804,4 +808,256 @@ fn removing_tokens_equals_masking_them_through_prefill_and_cached_decoding() {
     let mut cache = crate::model::KvCache::default();
     let full = model.prefill(&inputs, &mut NoHook, &mut cache).unwrap();
     assert!(max_abs_diff(&full, &removed.0[0]) > 1e-4);
+}
+
+// ---------------------------------------------------------------- mixture of experts
+
+/// A mixture-of-experts layer whose weights are `weights` (router, then gate/up/down per expert).
+fn moe_from(
+    config: &crate::moe::MoeConfig,
+    d: usize,
+    d_ff: usize,
+    weights: &[Tensor],
+) -> crate::moe::Moe {
+    let vb = candle_nn::VarBuilder::zeros(DType::F64, &Device::Cpu);
+    let order: Vec<String> = std::iter::once("moe.router".to_string())
+        .chain((0..config.experts).flat_map(|e| {
+            ["gate_proj", "up_proj", "down_proj"].map(|p| format!("moe.experts.{e}.{p}"))
+        }))
+        .collect();
+    crate::moe::Moe::new(
+        config,
+        d,
+        d_ff,
+        |vb, _, _, _, name| {
+            let key = format!("{}.{name}", vb.prefix());
+            let i = order
+                .iter()
+                .position(|o| *o == key)
+                .unwrap_or_else(|| panic!("unexpected weight {key}"));
+            Ok(candle_nn::Linear::new(weights[i].clone(), None))
+        },
+        &vb.pp("moe"),
+    )
+    .unwrap()
+}
+
+/// Seeded standard-normal values (candle's CPU generator cannot be seeded).
+fn seeded_randn(shape: &[usize], rng: &mut impl rand::Rng) -> Tensor {
+    let n: usize = shape.iter().product();
+    let values: Vec<f64> = (0..n)
+        .map(|_| {
+            let (u, v): (f64, f64) = (rng.random_range(f64::EPSILON..1.0), rng.random());
+            (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
+        })
+        .collect();
+    Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn moe_layer_gradients_match_finite_differences() {
+    use crate::moe::{MoeConfig, Routing};
+    use rand::SeedableRng;
+    let (d, d_ff, t) = (4, 6, 18);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    for (experts, top_k, routing) in [
+        (3, 2, Routing::Learned),
+        (2, 1, Routing::Learned),
+        (4, 1, Routing::Modality),
+    ] {
+        let config = MoeConfig {
+            experts,
+            top_k,
+            routing,
+            balance_weight: 0.5,
+            z_loss_weight: 0.1,
+        };
+        let mut inputs = vec![
+            seeded_randn(&[1, t, d], &mut rng),
+            seeded_randn(&[experts, d], &mut rng),
+        ];
+        for _ in 0..experts {
+            for shape in [[d_ff, d], [d_ff, d], [d, d_ff]] {
+                inputs.push(seeded_randn(&shape, &mut rng));
+            }
+        }
+        let is_image: Vec<bool> = (0..t).map(|i| i % 3 != 2).collect();
+        let valid: Vec<bool> = (0..t).map(|i| i != 4).collect();
+        // Every expert must receive tokens, or its weights rightly get no gradient.
+        let routed = moe_from(&config, d, d_ff, &inputs[1..])
+            .forward(&inputs[0], &is_image, &valid)
+            .unwrap()
+            .routing;
+        assert!(
+            (0..experts).all(|e| routed.image[e] + routed.text[e] > 0),
+            "{routed:?}"
+        );
+        check_gradient(
+            &format!("moe {experts}/{top_k} {routing:?}"),
+            &inputs,
+            |xs| {
+                let moe = moe_from(&config, d, d_ff, &xs[1..]);
+                let out = moe.forward(&xs[0], &is_image, &valid)?;
+                Tensor::cat(
+                    &[out.output.flatten_all()?, out.aux_loss.unwrap().reshape(1)?],
+                    0,
+                )
+            },
+        );
+    }
+}
+
+fn moe_config(experts: usize, top_k: usize, routing: crate::moe::Routing) -> ModelConfig {
+    let mut config = tiny_config();
+    config.moe = Some(crate::moe::MoeConfig {
+        experts,
+        top_k,
+        routing,
+        balance_weight: 0.01,
+        z_loss_weight: 1e-3,
+    });
+    config
+}
+
+#[test]
+fn moe_with_one_expert_equals_the_dense_model() {
+    let dense = NativeModel::new(tiny_config(), 5, &Device::Cpu).unwrap();
+    let moe = NativeModel::new(
+        moe_config(1, 1, crate::moe::Routing::Learned),
+        6,
+        &Device::Cpu,
+    )
+    .unwrap();
+    {
+        let source = dense.varmap.data().lock().unwrap();
+        let target = moe.varmap.data().lock().unwrap();
+        for (name, var) in target.iter() {
+            let from = name.replace("moe.experts.0.", "mlp.");
+            if let Some(weights) = source.get(&from) {
+                var.set(weights.as_tensor()).unwrap();
+            } else {
+                assert!(
+                    name.ends_with("moe.router.weight"),
+                    "{name} has no dense counterpart"
+                );
+            }
+        }
+    }
+    // With one expert the router's probability is exactly 1: the same function.
+    let batch = mixed_batch(&tiny_seq());
+    let (a, _) = dense.sample_losses(&batch).unwrap();
+    let (b, _) = moe.sample_losses(&batch).unwrap();
+    assert!(max_abs_diff(&a, &b) < 1e-5);
+    let inputs = prompt_batch(&tiny_seq(), &samples(Task::Count, 2));
+    assert!(
+        max_abs_diff(
+            &full_forward_last_logits(&dense, &inputs),
+            &full_forward_last_logits(&moe, &inputs)
+        ) < 1e-5
+    );
+}
+
+#[test]
+fn moe_counts_train_and_decode() {
+    use crate::moe::Routing;
+    let dense = tiny_config();
+    let config = moe_config(4, 2, Routing::Learned);
+    let (d, ff, layers) = (dense.d_model, dense.d_ff, dense.n_layers);
+    assert_eq!(
+        config.parameter_count() - dense.parameter_count(),
+        layers * (3 * 3 * d * ff + 4 * d)
+    );
+    assert_eq!(
+        config.active_parameter_count() - dense.parameter_count(),
+        layers * (3 * d * ff + 4 * d)
+    );
+    let model = NativeModel::new(config.clone(), 7, &Device::Cpu).unwrap();
+    assert_eq!(model.parameter_count(), config.parameter_count());
+
+    // Every weight, router and experts included, learns (the balance and z-losses reach the router).
+    let loss = model.loss(&mixed_batch(&tiny_seq())).unwrap();
+    let grads = loss.backward().unwrap();
+    for (name, var) in model.varmap.data().lock().unwrap().iter() {
+        let grad = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name} has no gradient"));
+        assert!(
+            grad.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0,
+            "{name}"
+        );
+    }
+    // The training loss adds the auxiliary losses to the cross-entropy; evaluation losses do not.
+    let (per_sample, _) = model.sample_losses(&mixed_batch(&tiny_seq())).unwrap();
+    let ce = per_sample.mean_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(loss.to_scalar::<f32>().unwrap() > ce);
+
+    // Cached decoding matches recomputation with routed FFNs.
+    let mut inputs = prompt_batch(&tiny_seq(), &samples(Task::Relation, 2));
+    let mut cache = crate::model::KvCache::default();
+    let logits = model.prefill(&inputs, &mut NoHook, &mut cache).unwrap();
+    let next: Vec<u32> = logits.argmax(D::Minus1).unwrap().to_vec1().unwrap();
+    let stepped = model.decode_step(&next, &mut cache).unwrap();
+    append_tokens(&mut inputs, &next);
+    assert!(max_abs_diff(&stepped, &full_forward_last_logits(&model, &inputs)) < 1e-4);
+}
+
+#[test]
+fn modality_routing_keeps_image_and_text_experts_apart() {
+    use crate::moe::Routing;
+    let batch = mixed_batch(&tiny_seq());
+    let inputs = Inputs::from_batch(&batch, &Device::Cpu).unwrap();
+    let image_tokens: usize =
+        batch.image_starts.iter().filter(|s| s.is_some()).count() * batch.n_patches;
+    let real: usize = batch.lengths.iter().sum();
+    for (routing, top_k) in [(Routing::Modality, 1), (Routing::Learned, 2)] {
+        let model = NativeModel::new(moe_config(4, top_k, routing), 8, &Device::Cpu).unwrap();
+        let state = model
+            .forward(model.embed(&inputs).unwrap(), &mut NoHook, None)
+            .unwrap();
+        assert_eq!(state.routing.len(), 2);
+        for layer in &state.routing {
+            assert_eq!(
+                layer.image.iter().sum::<u64>() as usize,
+                image_tokens * top_k
+            );
+            assert_eq!(
+                layer.text.iter().sum::<u64>() as usize,
+                (real - image_tokens) * top_k
+            );
+            let score = layer.specialisation();
+            if routing == Routing::Modality {
+                assert!(
+                    layer.image[2..].iter().all(|&c| c == 0)
+                        && layer.text[..2].iter().all(|&c| c == 0)
+                );
+                assert_eq!(score, 1.0);
+            } else {
+                assert!((0.0..1.0).contains(&score), "{score}");
+            }
+        }
+    }
+    let mut bad = moe_config(3, 1, Routing::Modality);
+    assert!(
+        NativeModel::new(bad.clone(), 0, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("model.moe")
+    );
+    bad.moe = Some(crate::moe::MoeConfig {
+        top_k: 5,
+        ..moe_config(4, 1, Routing::Learned).moe.unwrap()
+    });
+    assert!(
+        bad.validate()
+            .unwrap_err()
+            .to_string()
+            .contains("top_k (5)")
+    );
 }

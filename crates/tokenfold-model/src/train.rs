@@ -17,7 +17,7 @@ use candle_core::{Device, Tensor, Var};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use tokenfold_data::{
-    Assets, EvalSpec, Loader, Mixture, SequenceConfig, Split, Stage, StreamConfig, Task,
+    Assets, Batch, EvalSpec, Loader, Mixture, SequenceConfig, Split, Stage, StreamConfig, Task,
     TextTokenizer,
 };
 
@@ -37,6 +37,9 @@ pub struct ModelSection {
     pub n_heads: Option<usize>,
     pub d_ff: Option<usize>,
     pub tie_embeddings: Option<bool>,
+    /// `[model.moe]`: mixture-of-experts FFNs (experts, top_k, routing, balance_weight, z_loss_weight).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moe: Option<crate::moe::MoeConfig>,
     /// Moved to `sequence.summary_token`; read so that older run directories still load.
     #[serde(default, skip_serializing)]
     pub summary_token: Option<bool>,
@@ -256,6 +259,7 @@ impl RunConfig {
             seq.max_len + 64,
         );
         config.tie_embeddings = m.tie_embeddings.unwrap_or(true);
+        config.moe = m.moe.clone();
         config.summary_token = seq.summary_token;
         config.validate()?;
         Ok(config)
@@ -289,6 +293,56 @@ pub struct TrainState {
     pub data_position: u64,
     pub tokens_seen: u64,
     pub elapsed_s: f64,
+    /// Tokens and raw bytes seen per modality (absent from checkpoints written before they were counted).
+    #[serde(default)]
+    pub modalities: ModalityCounts,
+}
+
+/// Training tokens and the raw bytes behind them, per modality: the inputs of compression-factor
+/// scaling laws and of a per-operation FLOPs count. Image tokens are patch tokens (their bytes the RGB
+/// values they cover); text tokens are all others, markers included (their bytes the UTF-8 text they
+/// decode to). Padding is not counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct ModalityCounts {
+    pub sequences: u64,
+    pub image_tokens: u64,
+    pub image_bytes: u64,
+    pub text_tokens: u64,
+    pub text_bytes: u64,
+    /// Query–key pairs the attention mask allows (causal, bidirectional within an image).
+    pub attention_pairs: u64,
+    /// Positions whose logits the loss needs.
+    pub target_tokens: u64,
+}
+
+impl ModalityCounts {
+    /// Adds what one batch feeds the model.
+    pub fn add_batch(&mut self, batch: &Batch, tokenizer: &TextTokenizer) -> Result<()> {
+        for s in 0..batch.batch_size {
+            let row = &batch.tokens[s * batch.seq_len..s * batch.seq_len + batch.lengths[s]];
+            let image = if batch.image_starts[s].is_some() {
+                batch.n_patches
+            } else {
+                0
+            };
+            let length = batch.lengths[s];
+            let image_start = batch.image_starts[s].unwrap_or(0);
+            let image_end = image_start + image;
+            self.attention_pairs += (0..length)
+                .map(|i| if (image_start..image_end).contains(&i) { image_end } else { i + 1 } as u64)
+                .sum::<u64>();
+            self.sequences += 1;
+            self.target_tokens += batch.loss_mask[s * batch.seq_len..s * batch.seq_len + length]
+                .iter()
+                .filter(|m| **m > 0.0)
+                .count() as u64;
+            self.image_tokens += image as u64;
+            self.image_bytes += (image * batch.patch_dim) as u64;
+            self.text_tokens += (batch.lengths[s] - image) as u64;
+            self.text_bytes += tokenizer.decode(row)?.len() as u64;
+        }
+        Ok(())
+    }
 }
 
 /// Files of a run directory.
@@ -414,6 +468,7 @@ pub struct TrainSummary {
     pub steps: u64,
     pub parameters: usize,
     pub tokens_seen: u64,
+    pub modalities: ModalityCounts,
     pub elapsed_s: f64,
     pub tokens_per_s: f64,
     pub final_loss: f64,
@@ -553,6 +608,7 @@ pub fn train(
                 data_position: 0,
                 tokens_seen: 0,
                 elapsed_s: 0.0,
+                modalities: ModalityCounts::default(),
             },
         )
     };
@@ -596,6 +652,7 @@ pub fn train(
     bar.set_position(state.step);
     let started = Instant::now();
     let (mut tokens_seen, mut last_loss) = (state.tokens_seen, f64::NAN);
+    let mut modalities = state.modalities;
     // Time spent in validation, kept out of the training throughput.
     let mut eval_s = 0f64;
     let stop = options.stop_after.unwrap_or(t.steps).min(t.steps);
@@ -614,6 +671,7 @@ pub fn train(
         for _ in 0..t.grad_accum {
             let batch = loader.next_batch()?;
             tokens_seen += batch.lengths.iter().sum::<usize>() as u64;
+            modalities.add_batch(&batch, &tokenizer)?;
             let loss = model.loss(&batch)?;
             loss_sum += loss.to_scalar::<f32>()? as f64;
             let backward = (loss / t.grad_accum as f64)?.backward()?;
@@ -674,6 +732,7 @@ pub fn train(
                     data_position: loader.position(),
                     tokens_seen,
                     elapsed_s,
+                    modalities,
                 },
             )?;
         }
@@ -692,6 +751,7 @@ pub fn train(
         steps: step,
         parameters: model.parameter_count(),
         tokens_seen,
+        modalities,
         elapsed_s,
         tokens_per_s: (tokens_seen - state.tokens_seen) as f64 / train_s.max(1e-9),
         final_loss: last_loss,
