@@ -67,6 +67,9 @@ struct Family {
 /// The compression-factor law against the plain one.
 struct Compression {
     modalities: Vec<String>,
+    /// Lowest and highest share of tokens from the second modality over the runs: the weights are only
+    /// identifiable if it varies.
+    share_range: (f64, f64),
     /// Measured raw bytes per token, median over runs.
     bytes_per_token: Vec<f64>,
     fit: Fit,
@@ -180,8 +183,16 @@ fn fit_compression(
         .iter()
         .map(|m| median(runs.iter().filter_map(|r| r.compression(m)).collect()).unwrap_or(f64::NAN))
         .collect();
+    let shares: Vec<f64> = points
+        .iter()
+        .map(|p| p.tokens[1] / p.tokens.iter().sum::<f64>())
+        .collect();
+    let share_range = shares
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(lo, hi), &s| (lo.min(s), hi.max(s)));
     Ok(Some(Compression {
         modalities,
+        share_range,
         bytes_per_token,
         fit,
         error,
@@ -330,6 +341,22 @@ fn markdown(families: &[Family], args: &FitArgs) -> String {
                 "\nWith fitted weights: objective {:.3e}, MAE {:.2}%; with every token counted alike (the hypothesis as stated, D = Σ T_i/C_i): objective {:.3e}, MAE {:.2}%.\n",
                 c.fit.objective, c.error.mae_percent, f.fit.objective, f.held_in_error.mae_percent
             );
+            let (lo, hi) = c.share_range;
+            let _ = writeln!(
+                out,
+                "The {} share of tokens ranges over {:.1}–{:.1}% across runs.",
+                c.modalities[1],
+                100.0 * lo,
+                100.0 * hi
+            );
+            if hi - lo < 0.05 {
+                let _ = writeln!(
+                    out,
+                    "**The weights are not identifiable from these runs**: with a fixed modality mix, D_eff is a constant multiple of D and any weight fits equally well. Sweep several mixtures to test the hypothesis.\n"
+                );
+            } else {
+                out.push('\n');
+            }
         }
     }
     out
@@ -404,6 +431,7 @@ fn family_json(f: &Family) -> serde_json::Value {
         "frontier": f.frontier,
         "compression": f.compression.as_ref().map(|c| json!({
             "modalities": c.modalities, "bytes_per_token": c.bytes_per_token, "fit": c.fit, "error": c.error,
+            "share_range": c.share_range,
         })),
     })
 }

@@ -527,7 +527,7 @@ fn sweep_records_runs_in_shards_and_fit_reports_on_them() {
     std::fs::write(
         &grid,
         format!(
-            "name = \"tiny\"\nbase = \"{}\"\nsteps = [2, 4]\neval_samples = 3\n{widths}",
+            "name = \"tiny\"\nbase = \"{}\"\narchitectures = [\"early\", \"late\", \"moe\"]\nsteps = [2, 4]\neval_samples = 3\n{widths}\n[moe]\nexperts = 2\n",
             base.display()
         ),
     )
@@ -537,8 +537,8 @@ fn sweep_records_runs_in_shards_and_fit_reports_on_them() {
     let records = out.join("runs.jsonl");
     let count = || std::fs::read_to_string(&records).map_or(0, |t| t.lines().count());
 
-    // Two shards share the grid's six runs; a rerun skips everything recorded.
-    for (shard, expected) in [("0/2", 3), ("1/2", 6)] {
+    // Two shards share the grid's 18 runs; a rerun skips everything recorded.
+    for (shard, expected) in [("0/2", 9), ("1/2", 18)] {
         let out = tokenfold(
             dir.path(),
             &[
@@ -553,14 +553,14 @@ fn sweep_records_runs_in_shards_and_fit_reports_on_them() {
         &["sweep", "run", grid_arg, "--out", out_arg, "--quiet"],
     );
     assert!(
-        text(&again.stderr).contains("trained 0, skipped 6"),
+        text(&again.stderr).contains("trained 0, skipped 18"),
         "{}",
         text(&again.stderr)
     );
-    assert_eq!(count(), 6);
+    assert_eq!(count(), 18);
     let listed =
         text(&tokenfold(dir.path(), &["sweep", "list", grid_arg, "--out", out_arg]).stdout);
-    assert_eq!(listed.matches("| recorded |").count(), 6, "{listed}");
+    assert_eq!(listed.matches("| recorded |").count(), 18, "{listed}");
 
     let runs: Vec<serde_json::Value> = std::fs::read_to_string(&records)
         .unwrap()
@@ -573,11 +573,20 @@ fn sweep_records_runs_in_shards_and_fit_reports_on_them() {
             run["tokens"].as_f64().unwrap(),
         );
         let by = &run["tokens_by_modality"];
-        assert_eq!(
-            by["image"].as_f64().unwrap() + by["text"].as_f64().unwrap(),
-            d
-        );
-        assert_eq!(run["flops"].as_f64().unwrap(), 6.0 * n * d);
+        let image = by["image"].as_f64().unwrap();
+        assert_eq!(image + by["text"].as_f64().unwrap(), d);
+        let flops = match run["architecture"].as_str().unwrap() {
+            "early" => 6.0 * n * d,
+            "late" => 6.0 * (run["vision_params"].as_f64().unwrap() * image + n * d),
+            _ => {
+                // Two experts, top-1: about half the FFN parameters are active.
+                let active = run["active_params"].as_f64().unwrap();
+                let layers = run["specialisation"].as_array().unwrap().len();
+                assert!(active < n && layers == 2, "{run}");
+                6.0 * active * d
+            }
+        };
+        assert_eq!(run["flops"].as_f64().unwrap(), flops);
         assert!(run["flops_detailed"].as_f64().unwrap() > 0.0);
         for task in ["count", "caption", "text"] {
             let loss = run["val_loss"][task].as_f64().unwrap();
@@ -606,15 +615,30 @@ fn sweep_records_runs_in_shards_and_fit_reports_on_them() {
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
+    for family in ["early", "late", "moe"] {
+        assert!(
+            stdout.contains(&format!("## {family} (6 runs fitted")),
+            "{stdout}"
+        );
+    }
     assert!(
-        stdout.contains("## early (6 runs fitted") && stdout.contains("| closed form |"),
+        stdout.contains("| closed form |") && stdout.contains("Compression-factor law"),
         "{stdout}"
     );
-    assert!(stdout.contains("Compression-factor law"), "{stdout}");
+    assert!(
+        stdout.contains("**moe against early**: lower loss in")
+            && stdout.contains("| d16/2/default |"),
+        "{stdout}"
+    );
     let fit: serde_json::Value =
         serde_json::from_slice(&std::fs::read(report.join("fit.json")).unwrap()).unwrap();
     assert!(fit["families"][0]["fit"]["law"]["alpha"].is_f64());
-    for plot in ["loss-vs-flops", "iso-flops", "optimal-allocation"] {
+    for plot in [
+        "loss-vs-flops",
+        "iso-flops",
+        "optimal-allocation",
+        "moe-specialisation",
+    ] {
         assert!(
             report.join(format!("{plot}.svg")).is_file()
                 && report.join(format!("{plot}.png")).is_file()
@@ -648,14 +672,14 @@ fn sweep_records_runs_in_shards_and_fit_reports_on_them() {
     std::fs::write(
         &grid,
         format!(
-            "name = \"x\"\nbase = \"{}\"\narchitectures = [\"late\"]\nsteps = [2]\n{widths}",
+            "name = \"x\"\nbase = \"{}\"\narchitectures = [\"hybrid\"]\nsteps = [2]\n{widths}",
             base.display()
         ),
     )
     .unwrap();
     let err = text(&tokenfold(dir.path(), &["sweep", "list", grid_arg]).stderr);
     assert!(
-        err.contains("grid.toml") && err.contains("`late` cannot be swept yet"),
+        err.contains("grid.toml") && err.contains("`hybrid` is unknown"),
         "{err}"
     );
     let err = text(

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::moe::MoeConfig;
+use crate::vision::VisionConfig;
 
 use crate::error::{ModelError, Result};
 
@@ -38,6 +39,9 @@ pub struct ModelConfig {
     /// Mixture-of-experts FFNs in every layer instead of one SwiGLU MLP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub moe: Option<MoeConfig>,
+    /// Late fusion: a ViT encoder and connector replace the patch projection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vision: Option<VisionConfig>,
 }
 
 fn yes() -> bool {
@@ -126,6 +130,7 @@ impl ModelConfig {
             rope_theta: rope_theta(),
             norm_eps: norm_eps(),
             moe: None,
+            vision: None,
         }
     }
 
@@ -170,6 +175,11 @@ impl ModelConfig {
         if let Some(moe) = &self.moe {
             moe.validate().or_else(|message| fail("moe", message))?;
         }
+        if let Some(vision) = &self.vision {
+            vision
+                .validate()
+                .or_else(|message| fail("vision", message))?;
+        }
         Ok(())
     }
 
@@ -191,6 +201,17 @@ impl ModelConfig {
         self.active_parameter_count() - self.embedding_parameter_count()
     }
 
+    /// Parameters that turn patches into decoder tokens: the patch projection and 2-D positions (early
+    /// fusion), or the vision encoder and connector (late fusion).
+    pub fn image_parameter_count(&self) -> usize {
+        match &self.vision {
+            None => {
+                self.patch_dim * self.d_model + self.d_model + 2 * self.image_grid * self.d_model
+            }
+            Some(v) => v.encoder_parameter_count(self) + v.connector_parameter_count(self),
+        }
+    }
+
     fn embedding_parameter_count(&self) -> usize {
         self.vocab_size * self.d_model * if self.tie_embeddings { 1 } else { 2 }
     }
@@ -202,7 +223,7 @@ impl ModelConfig {
         let mlp = experts * 3 * d * self.d_ff + router;
         let per_layer = attention + mlp + 2 * d;
         let embeddings = self.vocab_size * d * if self.tie_embeddings { 1 } else { 2 };
-        let image = self.patch_dim * d + d + 2 * self.image_grid * d;
+        let image = self.image_parameter_count();
         per_layer * self.n_layers + embeddings + image + d
     }
 

@@ -14,6 +14,7 @@ pub mod moe;
 pub mod ops;
 pub mod optim;
 pub mod train;
+pub mod vision;
 
 #[cfg(test)]
 mod tests;

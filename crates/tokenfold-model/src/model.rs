@@ -27,6 +27,7 @@ use crate::moe::{LayerRouting, Moe};
 use crate::ops::{
     MASKED, apply_rope, attention, cross_entropy_rows, rms_norm, rope_tables, swiglu,
 };
+use crate::vision::VisionEncoder;
 
 /// Token ids, patches and layout of a batch, on a device.
 #[derive(Debug, Clone)]
@@ -238,7 +239,7 @@ enum Ffn {
     Experts(Moe),
 }
 
-struct Block {
+pub(crate) struct Block {
     attn_norm: Tensor,
     attn: Attention,
     mlp_norm: Tensor,
@@ -247,8 +248,8 @@ struct Block {
 
 /// What one layer hands back: the new hidden state, its queries and keys, and for MoE layers the
 /// auxiliary loss and routing.
-struct LayerOutput {
-    hidden: Tensor,
+pub(crate) struct LayerOutput {
+    pub(crate) hidden: Tensor,
     q: Tensor,
     k: Tensor,
     aux_loss: Option<Tensor>,
@@ -275,7 +276,7 @@ fn ones(vb: &VarBuilder, dim: usize, name: &str) -> Result<Tensor> {
 }
 
 impl Block {
-    fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Block> {
+    pub(crate) fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Block> {
         let d = cfg.d_model;
         let std = 0.02;
         // Residual-branch outputs start smaller with depth (GPT-2's 1/√(2L)), keeping the residual stream stable.
@@ -351,7 +352,7 @@ impl Block {
     /// One layer. `cache`, when given, receives this call's keys and values (and their validity and key
     /// bias) appended to what it holds; `bias` must then cover the cached keys followed by the new ones.
     #[allow(clippy::too_many_arguments)]
-    fn forward(
+    pub(crate) fn forward(
         &self,
         x: &Tensor,
         rope: (&Tensor, &Tensor),
@@ -431,15 +432,25 @@ impl Block {
     }
 }
 
+/// How image patches become decoder tokens.
+enum ImageInput {
+    /// Early fusion: one linear layer plus 2-D position embeddings (row and column, each (grid, d)).
+    Linear {
+        patch_embed: Linear,
+        patch_bias: Tensor,
+        image_row: Tensor,
+        image_col: Tensor,
+    },
+    /// Late fusion: a ViT encoder and connector.
+    Encoder(Box<VisionEncoder>),
+}
+
 /// An early-fusion native multimodal model.
 pub struct NativeModel {
     pub config: ModelConfig,
     pub varmap: VarMap,
     embed_tokens: Tensor,
-    patch_embed: Linear,
-    patch_bias: Tensor,
-    image_row: Tensor,
-    image_col: Tensor,
+    image: ImageInput,
     blocks: Vec<Block>,
     norm: Tensor,
     lm_head: Option<Tensor>,
@@ -476,27 +487,33 @@ impl NativeModel {
                 stdev: 0.02,
             },
         )?;
-        // Patch embeddings start at the scale of token embeddings (std 0.02 per weight): at the fan-in
-        // scale 1/√patch_dim, image tokens entered the residual stream ~50× larger than text tokens, the
-        // blocks' small updates barely moved them and the 2-D positions were drowned.
-        let patch_embed = linear(&vb, config.patch_dim, d, 0.02, "patch_embed")?;
-        let patch_bias = vb.get_with_hints(d, "patch_embed.bias", Init::Const(0.0))?;
-        let image_row = vb.get_with_hints(
-            (config.image_grid, d),
-            "image_pos.row",
-            Init::Randn {
-                mean: 0.0,
-                stdev: 0.02,
-            },
-        )?;
-        let image_col = vb.get_with_hints(
-            (config.image_grid, d),
-            "image_pos.col",
-            Init::Randn {
-                mean: 0.0,
-                stdev: 0.02,
-            },
-        )?;
+        let image = match &config.vision {
+            None => {
+                // Patch embeddings start at the scale of token embeddings (std 0.02 per weight): at the
+                // fan-in scale 1/√patch_dim, image tokens entered the residual stream ~50× larger than
+                // text tokens, the blocks' small updates barely moved them and the 2-D positions were
+                // drowned.
+                let position = |name: &str| {
+                    vb.get_with_hints(
+                        (config.image_grid, d),
+                        name,
+                        Init::Randn {
+                            mean: 0.0,
+                            stdev: 0.02,
+                        },
+                    )
+                };
+                ImageInput::Linear {
+                    patch_embed: linear(&vb, config.patch_dim, d, 0.02, "patch_embed")?,
+                    patch_bias: vb.get_with_hints(d, "patch_embed.bias", Init::Const(0.0))?,
+                    image_row: position("image_pos.row")?,
+                    image_col: position("image_pos.col")?,
+                }
+            }
+            Some(vision) => {
+                ImageInput::Encoder(Box::new(VisionEncoder::new(vision, &config, &vb)?))
+            }
+        };
         let blocks = (0..config.n_layers)
             .map(|i| Block::new(&config, vb.pp("layers").pp(i)))
             .collect::<Result<Vec<_>>>()?;
@@ -523,10 +540,7 @@ impl NativeModel {
             config,
             varmap,
             embed_tokens,
-            patch_embed,
-            patch_bias,
-            image_row,
-            image_col,
+            image,
             blocks,
             norm,
             lm_head,
@@ -605,21 +619,32 @@ impl NativeModel {
         let mut rows = Vec::with_capacity(b);
         let mut is_image = vec![false; b * t];
         let needs_patches = inputs.image_starts.iter().any(Option::is_some);
-        let patches = if needs_patches {
-            // (grid², d): row r, column c gets row[r] + col[c], raster order.
-            let pos2d = self
-                .image_row
-                .unsqueeze(1)?
-                .broadcast_add(&self.image_col.unsqueeze(0)?)?
-                .reshape((n, self.config.d_model))?;
-            Some(
-                self.patch_embed
-                    .forward(&inputs.patches)?
-                    .broadcast_add(&self.patch_bias)?
-                    .broadcast_add(&pos2d)?,
-            )
-        } else {
-            None
+        let patches = match (&self.image, needs_patches) {
+            (_, false) => None,
+            (
+                ImageInput::Linear {
+                    patch_embed,
+                    patch_bias,
+                    image_row,
+                    image_col,
+                },
+                true,
+            ) => {
+                // (grid², d): row r, column c gets row[r] + col[c], raster order.
+                let pos2d = image_row
+                    .unsqueeze(1)?
+                    .broadcast_add(&image_col.unsqueeze(0)?)?
+                    .reshape((n, self.config.d_model))?;
+                Some(
+                    patch_embed
+                        .forward(&inputs.patches)?
+                        .broadcast_add(patch_bias)?
+                        .broadcast_add(&pos2d)?,
+                )
+            }
+            (ImageInput::Encoder(encoder), true) => {
+                Some(encoder.forward(&inputs.patches, &self.device)?)
+            }
         };
         for s in 0..b {
             let row = tokens.i(s)?;

@@ -34,6 +34,8 @@ pub struct AdamW {
     vars: Vec<(String, Var)>,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
+    /// Per-variable multiplier of the learning rate (1 unless [`AdamW::scale_lr`] set it).
+    lr_scales: Vec<f64>,
     pub step: u64,
 }
 
@@ -48,13 +50,24 @@ impl AdamW {
             .iter()
             .map(|(_, v)| v.zeros_like())
             .collect::<Result<Vec<_>>>()?;
+        let lr_scales = vec![1.0; vars.len()];
         Ok(AdamW {
             config,
             vars,
             m,
             v,
+            lr_scales,
             step: 0,
         })
+    }
+
+    /// Multiplies the learning rate (and so the decoupled decay) of the variables `selects` picks.
+    pub fn scale_lr(&mut self, selects: impl Fn(&str) -> bool, scale: f64) {
+        for ((name, _), s) in self.vars.iter().zip(self.lr_scales.iter_mut()) {
+            if selects(name) {
+                *s = scale;
+            }
+        }
     }
 
     /// One update with learning rate `lr` from gradients `grads` (already clipped).
@@ -71,6 +84,7 @@ impl AdamW {
             let v = ((&self.v[i] * c.beta2)? + (grad.sqr()? * (1.0 - c.beta2))?)?;
             let update = ((&m / correction1)? / ((&v / correction2)?.sqrt()? + c.eps)?)?;
             let decay = if var.rank() >= 2 { c.weight_decay } else { 0.0 };
+            let lr = lr * self.lr_scales[i];
             let next = ((var.as_tensor() * (1.0 - lr * decay))? - (update * lr)?)?;
             var.set(&next)?;
             self.m[i] = m;

@@ -259,6 +259,29 @@ fn mixed_batch(seq: &SequenceConfig) -> Batch {
     Batch::from_samples(&items, &fixture().tokenizer, seq).unwrap()
 }
 
+/// Backpropagates the training loss of a mixed batch and checks every weight gets a non-zero gradient;
+/// returns the loss.
+fn assert_every_weight_learns(model: &NativeModel) -> Tensor {
+    let loss = model.loss(&mixed_batch(&tiny_seq())).unwrap();
+    let grads = loss.backward().unwrap();
+    let data = model.varmap.data().lock().unwrap();
+    assert!(!data.is_empty());
+    for (name, var) in data.iter() {
+        let grad = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name} has no gradient"));
+        let size = grad
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(size > 0.0, "{name} has a zero gradient");
+    }
+    loss
+}
+
 #[test]
 fn every_parameter_receives_a_nonzero_gradient() {
     for tie in [true, false] {
@@ -266,23 +289,7 @@ fn every_parameter_receives_a_nonzero_gradient() {
         config.tie_embeddings = tie;
         let model = NativeModel::new(config.clone(), 1, &Device::Cpu).unwrap();
         assert_eq!(model.parameter_count(), config.parameter_count());
-        let loss = model.loss(&mixed_batch(&tiny_seq())).unwrap();
-        let grads = loss.backward().unwrap();
-        let data = model.varmap.data().lock().unwrap();
-        assert!(!data.is_empty());
-        for (name, var) in data.iter() {
-            let grad = grads
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("{name} has no gradient"));
-            let size = grad
-                .abs()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(size > 0.0, "{name} has a zero gradient");
-        }
+        assert_every_weight_learns(&model);
     }
 }
 
@@ -975,23 +982,7 @@ fn moe_counts_train_and_decode() {
     assert_eq!(model.parameter_count(), config.parameter_count());
 
     // Every weight, router and experts included, learns (the balance and z-losses reach the router).
-    let loss = model.loss(&mixed_batch(&tiny_seq())).unwrap();
-    let grads = loss.backward().unwrap();
-    for (name, var) in model.varmap.data().lock().unwrap().iter() {
-        let grad = grads
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("{name} has no gradient"));
-        assert!(
-            grad.abs()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                > 0.0,
-            "{name}"
-        );
-    }
+    let loss = assert_every_weight_learns(&model);
     // The training loss adds the auxiliary losses to the cross-entropy; evaluation losses do not.
     let (per_sample, _) = model.sample_losses(&mixed_batch(&tiny_seq())).unwrap();
     let ce = per_sample.mean_all().unwrap().to_scalar::<f32>().unwrap();
@@ -1060,4 +1051,123 @@ fn modality_routing_keeps_image_and_text_experts_apart() {
             .to_string()
             .contains("top_k (5)")
     );
+}
+
+// ---------------------------------------------------------------- late fusion
+
+fn late_config() -> ModelConfig {
+    let mut config = tiny_config();
+    config.vision = Some(crate::vision::VisionConfig {
+        d_model: 16,
+        n_layers: 2,
+        n_heads: 2,
+        d_ff: 24,
+        lr_scale: 0.1,
+    });
+    config
+}
+
+#[test]
+fn gelu_gradient() {
+    check_gradient("gelu", &[randn(&[3, 5])], |xs| xs[0].gelu());
+}
+
+#[test]
+fn late_fusion_trains_every_weight_and_decodes_with_the_cache() {
+    let config = late_config();
+    let vision = config.vision.clone().unwrap();
+    assert_eq!(
+        config.image_parameter_count(),
+        vision.encoder_parameter_count(&config) + vision.connector_parameter_count(&config)
+    );
+    let model = NativeModel::new(config.clone(), 9, &Device::Cpu).unwrap();
+    assert_eq!(model.parameter_count(), config.parameter_count());
+    let names: Vec<String> = model
+        .varmap
+        .data()
+        .lock()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    assert!(
+        names.iter().any(|n| n == "vision.cls")
+            && names.iter().any(|n| n == "connector.fc2.weight")
+    );
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.starts_with("patch_embed") || n.starts_with("image_pos"))
+    );
+
+    assert_every_weight_learns(&model);
+
+    let mut inputs = prompt_batch(&tiny_seq(), &samples(Task::Locate, 2));
+    let mut cache = crate::model::KvCache::default();
+    let logits = model.prefill(&inputs, &mut NoHook, &mut cache).unwrap();
+    assert!(max_abs_diff(&logits, &full_forward_last_logits(&model, &inputs)) < 1e-4);
+    let next: Vec<u32> = logits.argmax(D::Minus1).unwrap().to_vec1().unwrap();
+    let stepped = model.decode_step(&next, &mut cache).unwrap();
+    append_tokens(&mut inputs, &next);
+    assert!(max_abs_diff(&stepped, &full_forward_last_logits(&model, &inputs)) < 1e-4);
+
+    // Image tokens see the whole image in the encoder: a change to the last patch moves the first
+    // patch's decoder input (in early fusion it would not before the first layer).
+    let batch =
+        Batch::from_samples(&samples(Task::Count, 1), &fixture().tokenizer, &tiny_seq()).unwrap();
+    let mut changed = Inputs::from_batch(&batch, &Device::Cpu).unwrap();
+    let embedded = |inputs: &Inputs| model.embed(inputs).unwrap().hidden;
+    let start = changed.image_starts[0].unwrap();
+    let before = embedded(&changed).i((0, start)).unwrap();
+    let mut values: Vec<f32> = changed.patches.flatten_all().unwrap().to_vec1().unwrap();
+    let last = values.len() - 1;
+    values[last] += 1.0;
+    changed.patches = Tensor::from_vec(values, changed.patches.shape(), &Device::Cpu).unwrap();
+    let after = embedded(&changed).i((0, start)).unwrap();
+    assert!(max_abs_diff(&before, &after) > 0.0);
+}
+
+#[test]
+fn encoder_weights_take_their_learning_rate_multiplier() {
+    let config = late_config();
+    let model = NativeModel::new(config, 10, &Device::Cpu).unwrap();
+    let vars: Vec<(String, candle_core::Var)> = model
+        .varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .collect();
+    let before: Vec<Tensor> = vars
+        .iter()
+        .map(|(_, v)| v.as_tensor().copy().unwrap())
+        .collect();
+    let mut opt = AdamW::new(
+        vars.clone(),
+        AdamWConfig {
+            weight_decay: 0.0,
+            ..AdamWConfig::default()
+        },
+    )
+    .unwrap();
+    opt.scale_lr(crate::vision::is_encoder_weight, 0.1);
+    // A gradient of ones: Adam's first step moves every weight by lr·scale (ε aside).
+    let grads = vars
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().ones_like().unwrap()))
+        .collect();
+    opt.step(&grads, 0.01).unwrap();
+    for ((name, var), old) in vars.iter().zip(&before) {
+        let moved = max_abs_diff(old, var.as_tensor());
+        let expected = if name.starts_with("vision.") {
+            0.001
+        } else {
+            0.01
+        };
+        assert!(
+            (moved - expected).abs() < 1e-5,
+            "{name} moved {moved}, expected {expected}"
+        );
+    }
 }

@@ -40,6 +40,9 @@ pub struct ModelSection {
     /// `[model.moe]`: mixture-of-experts FFNs (experts, top_k, routing, balance_weight, z_loss_weight).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub moe: Option<crate::moe::MoeConfig>,
+    /// `[model.vision]`: late fusion with a ViT encoder (d_model, n_layers, n_heads, d_ff, lr_scale).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vision: Option<crate::vision::VisionConfig>,
     /// Moved to `sequence.summary_token`; read so that older run directories still load.
     #[serde(default, skip_serializing)]
     pub summary_token: Option<bool>,
@@ -260,6 +263,7 @@ impl RunConfig {
         );
         config.tie_embeddings = m.tie_embeddings.unwrap_or(true);
         config.moe = m.moe.clone();
+        config.vision = m.vision.clone();
         config.summary_token = seq.summary_token;
         config.validate()?;
         Ok(config)
@@ -614,6 +618,9 @@ pub fn train(
     };
     let vars = sorted_vars(&model);
     let mut optimizer = AdamW::new(vars.clone(), t.adamw.clone())?;
+    if let Some(vision) = &model_config.vision {
+        optimizer.scale_lr(crate::vision::is_encoder_weight, vision.lr_scale);
+    }
     if resuming {
         let path = checkpoint.join("optimizer.safetensors");
         let tensors = candle_core::safetensors::load(&path, &device)?;

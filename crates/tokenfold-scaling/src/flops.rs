@@ -54,11 +54,19 @@ pub struct ForwardFlops {
     pub mlp: f64,
     /// The output head over the positions whose logits are computed.
     pub logits: f64,
+    /// Late fusion: the vision encoder ([CLS] included) and connector.
+    pub encoder: f64,
 }
 
 impl ForwardFlops {
     pub fn total(&self) -> f64 {
-        self.embeddings + self.projections + self.attention + self.softmax + self.mlp + self.logits
+        self.embeddings
+            + self.projections
+            + self.attention
+            + self.softmax
+            + self.mlp
+            + self.logits
+            + self.encoder
     }
 
     /// Forward plus backward (twice the forward).
@@ -146,13 +154,33 @@ pub fn forward(config: &ModelConfig, work: &Workload) -> ForwardFlops {
         .moe
         .as_ref()
         .map_or((1.0, 0.0), |m| (m.top_k as f64, m.experts as f64));
+    let text_embeddings = 2.0 * (s - work.image_tokens) * config.vocab_size as f64 * d;
+    let (patch_projection, encoder) = match &config.vision {
+        None => (2.0 * work.image_tokens * config.patch_dim as f64 * d, 0.0),
+        Some(v) => {
+            // Every image runs the encoder over its grid² patches plus [CLS], bidirectionally.
+            let per_image = (config.image_grid * config.image_grid) as f64;
+            let images = work.image_tokens / per_image;
+            let tokens = images * (per_image + 1.0);
+            let pairs = images * (per_image + 1.0).powi(2);
+            let (dv, layers_v) = (v.d_model as f64, v.n_layers as f64);
+            let blocks = layers_v
+                * (2.0 * 4.0 * tokens * dv * dv
+                    + 2.0 * 2.0 * pairs * dv
+                    + 3.0 * v.n_heads as f64 * pairs
+                    + 2.0 * 3.0 * tokens * dv * v.d_ff as f64);
+            let patches = 2.0 * work.image_tokens * config.patch_dim as f64 * dv;
+            let connector = 2.0 * work.image_tokens * (dv * d + d * d);
+            (0.0, blocks + patches + connector)
+        }
+    };
     ForwardFlops {
-        embeddings: 2.0 * work.image_tokens * config.patch_dim as f64 * d
-            + 2.0 * (s - work.image_tokens) * config.vocab_size as f64 * d,
+        embeddings: patch_projection + text_embeddings,
         projections: layers * 2.0 * 4.0 * s * d * d,
         attention: layers * 2.0 * 2.0 * pairs * d,
         softmax: layers * 3.0 * config.n_heads as f64 * pairs,
         mlp: layers * 2.0 * s * d * (3.0 * active_experts * config.d_ff as f64 + router),
         logits: 2.0 * work.logit_positions * d * config.vocab_size as f64,
+        encoder,
     }
 }

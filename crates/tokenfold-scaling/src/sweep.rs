@@ -40,6 +40,7 @@ use tokenfold_data::{Assets, EvalSpec, Split};
 use tokenfold_model::eval::{SetLoss, routing_statistics, validation_losses};
 use tokenfold_model::moe::{MoeConfig, Routing};
 use tokenfold_model::train::{RunConfig, RunDir, TrainOptions, prepare_tokenizer, train};
+use tokenfold_model::vision::VisionConfig;
 
 use crate::error::{Result, ScalingError};
 use crate::flops::{self, Workload};
@@ -84,6 +85,13 @@ pub struct Grid {
     /// Expert settings of the `moe` and `moe-modality` architectures.
     #[serde(default)]
     pub moe: MoeSettings,
+    /// Learning-rate multiplier of the late-fusion encoder.
+    #[serde(default = "encoder_lr_scale")]
+    pub encoder_lr_scale: f64,
+}
+
+fn encoder_lr_scale() -> f64 {
+    0.1
 }
 
 /// `[moe]` of a grid: experts of the same width as the dense FFN.
@@ -134,9 +142,29 @@ fn eval_samples() -> usize {
     100
 }
 
-/// The architectures a sweep can train today: dense early fusion, and early fusion with
-/// mixture-of-experts FFNs under learned (modality-agnostic) or modality-aware routing.
-pub const ARCHITECTURES: [&str; 3] = ["early", "moe", "moe-modality"];
+/// The architectures a sweep can train: dense early fusion, late fusion (a ViT encoder and connector
+/// scaled with the decoder), and early fusion with mixture-of-experts FFNs under learned
+/// (modality-agnostic) or modality-aware routing.
+pub const ARCHITECTURES: [&str; 4] = ["early", "late", "moe", "moe-modality"];
+
+/// The late-fusion encoder of a decoder shape, scaled as in the study's Table 6: half the width (heads
+/// of the decoder's head size where they divide it), the same depth, half the MLP width.
+pub fn encoder_for(width: &Width, lr_scale: f64) -> VisionConfig {
+    let d_model = (width.d_model / 2).max(2);
+    let head = width.d_model / width.n_heads;
+    let n_heads = if d_model % head == 0 {
+        d_model / head
+    } else {
+        1
+    };
+    VisionConfig {
+        d_model,
+        n_layers: width.n_layers,
+        n_heads,
+        d_ff: (width.d_ff / 2).max(1),
+        lr_scale,
+    }
+}
 
 /// One expanded run of a grid.
 #[derive(Debug, Clone, PartialEq)]
@@ -173,7 +201,7 @@ impl Grid {
             .find(|a| !ARCHITECTURES.contains(&a.as_str()))
         {
             return Err(bad(format!(
-                "architectures: `{a}` cannot be swept yet (available: {})",
+                "architectures: `{a}` is unknown (available: {})",
                 ARCHITECTURES.join(", ")
             )));
         }
@@ -202,18 +230,22 @@ impl Grid {
     pub fn expand(&self) -> Result<Vec<PlannedRun>> {
         let base = RunConfig::load(&self.base)?;
         let mut planned = Vec::new();
-        for architecture in &self.architectures {
-            for width in &self.width {
-                for &steps in &self.steps {
-                    for mixture in &self.mixture {
+        // Architectures innermost: a partly finished sweep has every architecture at the same shapes
+        // and budgets, so they can be compared.
+        for width in &self.width {
+            for &steps in &self.steps {
+                for mixture in &self.mixture {
+                    for architecture in &self.architectures {
                         let mut config = base.with_steps(steps);
                         config.model.preset = None;
                         config.model.d_model = Some(width.d_model);
                         config.model.n_layers = Some(width.n_layers);
                         config.model.n_heads = Some(width.n_heads);
                         config.model.d_ff = Some(width.d_ff);
+                        config.model.vision = (architecture == "late")
+                            .then(|| encoder_for(width, self.encoder_lr_scale));
                         config.model.moe = match architecture.as_str() {
-                            "early" => None,
+                            "early" | "late" => None,
                             _ => Some(MoeConfig {
                                 experts: self.moe.experts,
                                 top_k: self.moe.top_k,
@@ -428,16 +460,26 @@ pub fn run_one(
     .map(|layer| layer.specialisation())
     .collect();
     let counts = summary.modalities;
-    let params = model_config.non_embedding_parameter_count() as f64;
-    let active = model_config.non_embedding_active_parameter_count() as f64;
+    // N is the decoder; a late-fusion encoder and connector are N_v, run on image tokens only.
+    let vision = model_config
+        .vision
+        .as_ref()
+        .map(|_| model_config.image_parameter_count() as f64);
+    let params = model_config.non_embedding_parameter_count() as f64 - vision.unwrap_or(0.0);
+    let active = model_config.non_embedding_active_parameter_count() as f64 - vision.unwrap_or(0.0);
     let tokens = (counts.image_tokens + counts.text_tokens) as f64;
+    let flops = match vision {
+        Some(nv) => flops::late_fusion(nv, counts.image_tokens as f64, params, tokens),
+        // 6·N_active·D, which is 6ND for dense runs.
+        None => flops::mixture_of_experts(active, tokens),
+    };
     let detailed = flops::forward(&model_config, &Workload::trained(&counts)).training();
     Ok(RunRecord {
         name: planned.name.clone(),
         architecture: planned.architecture.clone(),
         params,
         active_params: (active != params).then_some(active),
-        vision_params: None,
+        vision_params: vision,
         tokens,
         tokens_by_modality: BTreeMap::from([
             ("image".to_string(), counts.image_tokens as f64),
@@ -447,8 +489,7 @@ pub fn run_one(
             ("image".to_string(), counts.image_bytes as f64),
             ("text".to_string(), counts.text_bytes as f64),
         ]),
-        // 6·N_active·D, which is 6ND for dense runs.
-        flops: flops::mixture_of_experts(active, tokens),
+        flops,
         flops_detailed: Some(detailed),
         val_loss,
         val_bits_per_byte,

@@ -378,3 +378,44 @@ fn detailed_matmul_flops_equal_six_n_per_token() {
     assert_eq!(flops::early_fusion(1e6, 1e9), 6e15);
     assert_eq!(flops::late_fusion(1e5, 1e8, 1e6, 1e9), 6.0 * (1e13 + 1e15));
 }
+
+#[test]
+fn late_fusion_flops_count_the_encoder_on_image_tokens_only() {
+    let shape = tokenfold_model::config::preset("nmm-xs").unwrap();
+    let early = tokenfold_model::ModelConfig::from_shape(shape, 2048, 192, 8, 256);
+    let width = crate::sweep::Width {
+        name: "w".into(),
+        d_model: 128,
+        n_layers: 4,
+        n_heads: 4,
+        d_ff: 352,
+    };
+    let vision = crate::sweep::encoder_for(&width, 0.1);
+    assert_eq!(
+        (vision.d_model, vision.n_layers, vision.n_heads, vision.d_ff),
+        (64, 4, 2, 176)
+    );
+    let late = tokenfold_model::ModelConfig {
+        vision: Some(vision),
+        ..early.clone()
+    };
+    late.validate().unwrap();
+    let image = SequenceShape {
+        length: 90,
+        image_start: 1,
+        image_tokens: 64,
+        logit_positions: 4,
+    };
+    let text = SequenceShape {
+        length: 90,
+        image_start: 0,
+        image_tokens: 0,
+        logit_positions: 89,
+    };
+    let flops =
+        |config, shape| flops::forward(config, &Workload::sequence(shape, AttentionWindow::Masked));
+    assert_eq!(flops(&early, &image).encoder, 0.0);
+    assert!(flops(&late, &image).encoder > 0.0);
+    // Text-only sequences cost the same in both: the encoder never runs.
+    assert_eq!(flops(&late, &text).total(), flops(&early, &text).total());
+}
