@@ -72,9 +72,13 @@ struct Compression {
     share_range: (f64, f64),
     /// Measured raw bytes per token, median over runs.
     bytes_per_token: Vec<f64>,
-    fit: Fit,
-    error: PredictionError,
+    /// The weighted fit and its error; None when the modality mix barely varies (see [`MIN_SHARE_RANGE`]).
+    fit: Option<(Fit, PredictionError)>,
 }
+
+/// Below this spread of the second modality's token share across runs, D_eff is nearly a constant
+/// multiple of D and the modality weights are not identifiable: the fit is not attempted.
+const MIN_SHARE_RANGE: f64 = 0.05;
 
 /// N as a function of (C, D) for the architecture's FLOPs convention, with the encoder size and image
 /// share taken as the runs' medians for late fusion: C = 6·D·N·(1 + r·s), r = N_v/N, s = D_v/D.
@@ -173,12 +177,11 @@ fn fit_compression(
                 .iter()
                 .all(|m| r.compression(m).is_some_and(|c| c > 0.0))
         });
-    if !complete {
+    // Five parameters plus one weight per extra modality need as many runs.
+    if !complete || runs.len() < 4 + modalities.len() {
         return Ok(None);
     }
     let points = runs::modality_points(runs, &args.target, &modalities)?;
-    let fit = law::fit(&points, options).context("fitting the compression-factor law")?;
-    let error = law::prediction_error(&fit.law, &points);
     let bytes_per_token = modalities
         .iter()
         .map(|m| median(runs.iter().filter_map(|r| r.compression(m)).collect()).unwrap_or(f64::NAN))
@@ -190,12 +193,18 @@ fn fit_compression(
     let share_range = shares
         .iter()
         .fold((f64::MAX, f64::MIN), |(lo, hi), &s| (lo.min(s), hi.max(s)));
+    let fit = if share_range.1 - share_range.0 >= MIN_SHARE_RANGE {
+        let fit = law::fit(&points, options).context("fitting the compression-factor law")?;
+        let error = law::prediction_error(&fit.law, &points);
+        Some((fit, error))
+    } else {
+        None
+    };
     Ok(Some(Compression {
         modalities,
         share_range,
         bytes_per_token,
         fit,
-        error,
     }))
 }
 
@@ -324,38 +333,48 @@ fn markdown(families: &[Family], args: &FitArgs) -> String {
         }
         if let Some(c) = &f.compression {
             let _ = writeln!(out, "### Compression-factor law: D_eff = Σ w_i·T_i\n");
-            let _ = writeln!(
-                out,
-                "| modality | bytes per token C_i | weight w_i | bytes per effective token C_i/w_i |\n|---|---|---|---|"
-            );
-            for ((m, bytes), w) in c
-                .modalities
-                .iter()
-                .zip(&c.bytes_per_token)
-                .zip(&c.fit.law.weights)
-            {
-                let _ = writeln!(out, "| {m} | {bytes:.2} | {w:.4} | {:.2} |", bytes / w);
-            }
-            let _ = writeln!(
-                out,
-                "\nWith fitted weights: objective {:.3e}, MAE {:.2}%; with every token counted alike (the hypothesis as stated, D = Σ T_i/C_i): objective {:.3e}, MAE {:.2}%.\n",
-                c.fit.objective, c.error.mae_percent, f.fit.objective, f.held_in_error.mae_percent
-            );
             let (lo, hi) = c.share_range;
             let _ = writeln!(
                 out,
-                "The {} share of tokens ranges over {:.1}–{:.1}% across runs.",
+                "The {} share of tokens ranges over {:.1}–{:.1}% across runs.\n",
                 c.modalities[1],
                 100.0 * lo,
                 100.0 * hi
             );
-            if hi - lo < 0.05 {
-                let _ = writeln!(
-                    out,
-                    "**The weights are not identifiable from these runs**: with a fixed modality mix, D_eff is a constant multiple of D and any weight fits equally well. Sweep several mixtures to test the hypothesis.\n"
-                );
-            } else {
-                out.push('\n');
+            match &c.fit {
+                Some((fit, error)) => {
+                    let _ = writeln!(
+                        out,
+                        "| modality | bytes per token C_i | weight w_i | bytes per effective token C_i/w_i |\n|---|---|---|---|"
+                    );
+                    for ((m, bytes), w) in c
+                        .modalities
+                        .iter()
+                        .zip(&c.bytes_per_token)
+                        .zip(&fit.law.weights)
+                    {
+                        let _ = writeln!(out, "| {m} | {bytes:.2} | {w:.4} | {:.2} |", bytes / w);
+                    }
+                    let _ = writeln!(
+                        out,
+                        "\nWith fitted weights: objective {:.3e}, MAE {:.2}%; with every token counted alike (the hypothesis as stated, D = Σ T_i/C_i): objective {:.3e}, MAE {:.2}%.\n",
+                        fit.objective,
+                        error.mae_percent,
+                        f.fit.objective,
+                        f.held_in_error.mae_percent
+                    );
+                }
+                None => {
+                    let _ = writeln!(out, "| modality | bytes per token C_i |\n|---|---|");
+                    for (m, bytes) in c.modalities.iter().zip(&c.bytes_per_token) {
+                        let _ = writeln!(out, "| {m} | {bytes:.2} |");
+                    }
+                    let _ = writeln!(
+                        out,
+                        "\n**The modality weights are not identifiable from these runs**: with a nearly fixed modality mix (share range under {:.0} points), D_eff is a constant multiple of D and any weight fits equally well, so the weighted law was not fitted. Sweep several mixtures to test the hypothesis.\n",
+                        100.0 * MIN_SHARE_RANGE
+                    );
+                }
             }
         }
     }
@@ -363,21 +382,20 @@ fn markdown(families: &[Family], args: &FitArgs) -> String {
 }
 
 /// Architectures compared run by run: runs of the same width, steps and mixture in two families.
-fn comparisons(families: &[Family], target: &str) -> String {
+fn comparisons(by_architecture: &BTreeMap<String, Vec<RunRecord>>, target: &str) -> String {
     let key = |r: &RunRecord| {
         ["width", "steps", "mixture"]
             .map(|k| r.labels.get(k).cloned().unwrap_or_default())
             .join("/")
     };
     let mut out = String::new();
-    for (i, a) in families.iter().enumerate() {
-        for b in &families[i + 1..] {
+    let families: Vec<(&String, &Vec<RunRecord>)> = by_architecture.iter().collect();
+    for (i, (a, a_runs)) in families.iter().enumerate() {
+        for (b, b_runs) in &families[i + 1..] {
             let mut pairs = Vec::new();
-            for ra in a.runs.iter().chain(&a.held_out) {
-                if let Some(rb) = b
-                    .runs
+            for ra in a_runs.iter() {
+                if let Some(rb) = b_runs
                     .iter()
-                    .chain(&b.held_out)
                     .find(|rb| key(rb) == key(ra) && !key(ra).is_empty())
                 {
                     if let (Some(la), Some(lb)) = (ra.target_loss(target), rb.target_loss(target)) {
@@ -398,15 +416,12 @@ fn comparisons(families: &[Family], target: &str) -> String {
             let mean = pairs.iter().map(|p| p.3 - p.2).sum::<f64>() / pairs.len() as f64;
             let _ = writeln!(
                 out,
-                "**{} against {}**: lower loss in {better} of {} pairs, mean difference {mean:+.4} nats/token.\n",
-                b.architecture,
-                a.architecture,
+                "**{b} against {a}**: lower loss in {better} of {} pairs, mean difference {mean:+.4} nats/token.\n",
                 pairs.len()
             );
             let _ = writeln!(
                 out,
-                "| run | N_active ({}) | {} | {} |\n|---|---|---|---|",
-                a.architecture, a.architecture, b.architecture
+                "| run | N_active ({a}) | {a} | {b} |\n|---|---|---|---|"
             );
             for (k, n, la, lb) in &pairs {
                 let _ = writeln!(out, "| {k} | {n:.3e} | {la:.4} | {lb:.4} |");
@@ -430,7 +445,8 @@ fn family_json(f: &Family) -> serde_json::Value {
         "bootstrap": f.bootstrap,
         "frontier": f.frontier,
         "compression": f.compression.as_ref().map(|c| json!({
-            "modalities": c.modalities, "bytes_per_token": c.bytes_per_token, "fit": c.fit, "error": c.error,
+            "modalities": c.modalities, "bytes_per_token": c.bytes_per_token,
+            "fit": c.fit.as_ref().map(|f| &f.0), "error": c.fit.as_ref().map(|f| &f.1),
             "share_range": c.share_range,
         })),
     })
@@ -591,14 +607,37 @@ pub fn run_fit(args: FitArgs) -> Result<()> {
             .or_default()
             .push(run);
     }
+    let holdout = args.holdout.as_deref().map(Holdout::parse).transpose()?;
     let mut families = Vec::new();
-    for (architecture, runs) in by_architecture {
-        families.push(fit_family(&architecture, runs, &args, &options)?);
+    let mut too_few = Vec::new();
+    for (architecture, runs) in &by_architecture {
+        let fitted = runs
+            .iter()
+            .filter(|r| !holdout.as_ref().is_some_and(|h| h.holds_out(r)))
+            .count();
+        // Five unknowns need five runs; a family with fewer is still compared run by run.
+        if fitted < 5 {
+            too_few.push(format!("{architecture} ({fitted} runs)"));
+            continue;
+        }
+        families.push(fit_family(architecture, runs.clone(), &args, &options)?);
     }
     if families.is_empty() {
-        bail!("{}: no runs", args.runs.display());
+        bail!(
+            "{}: no architecture has the 5 runs a fit needs: {}",
+            args.runs.display(),
+            too_few.join(", ")
+        );
     }
-    let text = markdown(&families, &args) + &comparisons(&families, &args.target);
+    let mut text = markdown(&families, &args);
+    if !too_few.is_empty() {
+        let _ = writeln!(
+            text,
+            "Not fitted, too few runs for the five parameters: {}.\n",
+            too_few.join(", ")
+        );
+    }
+    text += &comparisons(&by_architecture, &args.target);
     print!("{text}");
     if let Some(dir) = &args.report {
         let report = json!({
