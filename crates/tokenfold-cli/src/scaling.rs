@@ -663,13 +663,13 @@ pub fn run_fit(args: FitArgs) -> Result<()> {
 pub enum SweepCommand {
     /// Train, evaluate and record every run of a grid (or one shard of it); finished runs are skipped.
     #[command(
-        after_help = "Examples:\n  tokenfold sweep run configs/study-small.toml --out results/study\n  tokenfold sweep run configs/study-small.toml --out results/study --shard 1/4"
+        after_help = "Examples:\n  tokenfold sweep run configs/study-small.toml                 # into results/study-small\n  tokenfold sweep run configs/study-small.toml --shard 1/4 --out results/study"
     )]
     Run {
         grid: PathBuf,
-        /// Folder for `runs.jsonl` and the run directories.
+        /// Folder for `runs.jsonl` and the run directories [default: results/<grid name>].
         #[arg(long)]
-        out: PathBuf,
+        out: Option<PathBuf>,
         /// `i/n`: run every n-th run of the grid from the i-th (0-based).
         #[arg(long, default_value = "0/1")]
         shard: String,
@@ -679,6 +679,7 @@ pub enum SweepCommand {
     /// List a grid's runs with their parameter counts and whether they are recorded yet.
     List {
         grid: PathBuf,
+        /// The sweep's folder [default: results/<grid name>].
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -688,8 +689,9 @@ pub enum SweepCommand {
     )]
     Slurm {
         grid: PathBuf,
+        /// The sweep's folder on the cluster [default: results/<grid name>].
         #[arg(long)]
-        out: PathBuf,
+        out: Option<PathBuf>,
         #[arg(long, default_value_t = 4)]
         shards: usize,
         /// CPUs per array task.
@@ -701,6 +703,11 @@ pub enum SweepCommand {
     },
 }
 
+/// Where a sweep writes unless told: `results/<grid name>`.
+fn default_out(grid: &Grid) -> PathBuf {
+    PathBuf::from("results").join(&grid.name)
+}
+
 pub fn run_sweep(command: SweepCommand, paths: &tokenfold_data::DataPaths) -> Result<()> {
     match command {
         SweepCommand::Run {
@@ -710,6 +717,7 @@ pub fn run_sweep(command: SweepCommand, paths: &tokenfold_data::DataPaths) -> Re
             quiet,
         } => {
             let grid = Grid::load(&grid_path)?;
+            let out = out.unwrap_or_else(|| default_out(&grid));
             let shard = Shard::parse(&shard)?;
             let planned = grid.expand()?;
             let base = planned
@@ -757,14 +765,15 @@ pub fn run_sweep(command: SweepCommand, paths: &tokenfold_data::DataPaths) -> Re
         }
         SweepCommand::List { grid, out } => {
             let grid = Grid::load(&grid)?;
-            let recorded: Vec<String> = match &out {
-                Some(out) if sweep::records_path(out).is_file() => {
-                    runs::read_runs(&sweep::records_path(out))?
-                        .into_iter()
-                        .map(|r| r.name)
-                        .collect()
-                }
-                _ => Vec::new(),
+            let out = out.unwrap_or_else(|| default_out(&grid));
+            let records = sweep::records_path(&out);
+            let recorded: Vec<String> = if records.is_file() {
+                runs::read_runs(&records)?
+                    .into_iter()
+                    .map(|r| r.name)
+                    .collect()
+            } else {
+                Vec::new()
             };
             println!("| run | d_model | layers | steps | status |\n|---|---:|---:|---:|---|");
             for run in grid.expand()? {
@@ -791,6 +800,7 @@ pub fn run_sweep(command: SweepCommand, paths: &tokenfold_data::DataPaths) -> Re
                 bail!("--shards and --cpus must be at least 1");
             }
             let grid = Grid::load(&grid_path)?;
+            let out = out.unwrap_or_else(|| default_out(&grid));
             print!(
                 "{}",
                 sweep::slurm_script(&grid_path, &grid, &out, shards, cpus, &time)

@@ -213,14 +213,15 @@ impl Grid {
         if let Some(s) = self.steps.iter().find(|s| **s == 0) {
             return Err(bad(format!("steps: {s} is not a training budget")));
         }
-        let mut names: Vec<&str> = self.width.iter().map(|w| w.name.as_str()).collect();
+        let mut names: Vec<&str> = vec![self.name.as_str()];
+        names.extend(self.width.iter().map(|w| w.name.as_str()));
         names.extend(self.mixture.iter().map(|m| m.name.as_str()));
         if let Some(n) = names
             .iter()
             .find(|n| n.is_empty() || n.contains(['/', ' ']))
         {
             return Err(bad(format!(
-                "`{n}`: width and mixture names must be non-empty, without '/' or spaces"
+                "`{n}`: grid, width and mixture names must be non-empty, without '/' or spaces"
             )));
         }
         Ok(())
