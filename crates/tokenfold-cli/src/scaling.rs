@@ -499,25 +499,37 @@ fn plots(families: &[Family], target: &str, dir: &Path) -> Result<Vec<PathBuf>> 
     let (svg, png) = plot::save(&chart, &dir.join("loss-vs-flops"))?;
     written.extend([svg, png]);
 
-    // Iso-FLOP curves of the first family's law, and N*, D* against C for every family.
-    let mut iso = Vec::new();
+    // Iso-FLOP curves of each family's law (one plot per architecture), and N*, D* against C.
     let mut optimal = Vec::new();
     for f in families {
-        for &(c, _, _) in f.regression.optima.iter().step_by(12).take(5) {
-            let params_for = params_for(&f.runs);
-            let pts = (0..60)
+        let mut iso = Vec::new();
+        let params_for = params_for(&f.runs);
+        for &(c, _, d_opt) in f.regression.optima.iter().step_by(12).take(5) {
+            // Token counts from 1/30 to 30 times the compute-optimal one, kept up to 1.5 times the
+            // curve's minimum, so each curve shows its valley.
+            let pts: Vec<(f64, f64)> = (0..60)
                 .filter_map(|i| {
-                    let d = (c / 6.0).powf(0.2 + 0.6 * i as f64 / 59.0);
+                    let d = d_opt * 10f64.powf(-1.5 + 3.0 * i as f64 / 59.0);
                     let n = params_for(c, d);
                     (n >= 1.0).then(|| (n.log10(), f.fit.law.loss(n, d)))
                 })
                 .collect();
+            let floor = pts.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
             iso.push(Series {
-                name: format!("{} C={c:.1e}", f.architecture),
-                points: pts,
+                name: format!("C={c:.1e}"),
+                points: pts.into_iter().filter(|p| p.1 <= 1.5 * floor).collect(),
                 line: true,
             });
         }
+        let title = format!("Iso-FLOP curves of the fitted law ({})", f.architecture);
+        let chart = Chart {
+            title: &title,
+            x_label: "log10 N",
+            y_label: "predicted loss",
+            series: &iso,
+        };
+        let (svg, png) = plot::save(&chart, &dir.join(format!("iso-flops-{}", f.architecture)))?;
+        written.extend([svg, png]);
         let opt = &f.regression.optima;
         optimal.push(Series {
             name: format!("{} N*", f.architecture),
@@ -530,14 +542,6 @@ fn plots(families: &[Family], target: &str, dir: &Path) -> Result<Vec<PathBuf>> 
             line: true,
         });
     }
-    let chart = Chart {
-        title: "Iso-FLOP curves of the fitted law",
-        x_label: "log10 N",
-        y_label: "predicted loss",
-        series: &iso,
-    };
-    let (svg, png) = plot::save(&chart, &dir.join("iso-flops"))?;
-    written.extend([svg, png]);
     let chart = Chart {
         title: "Compute-optimal allocation",
         x_label: "log10 FLOPs",

@@ -635,7 +635,8 @@ fn sweep_records_runs_in_shards_and_fit_reports_on_them() {
     assert!(fit["families"][0]["fit"]["law"]["alpha"].is_f64());
     for plot in [
         "loss-vs-flops",
-        "iso-flops",
+        "iso-flops-early",
+        "iso-flops-late",
         "optimal-allocation",
         "moe-specialisation",
     ] {
