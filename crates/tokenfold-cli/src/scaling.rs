@@ -209,7 +209,18 @@ fn fit_compression(
 }
 
 fn interval(i: &law::Interval) -> String {
-    format!("{:.4} ± {:.4} [{:.4}, {:.4}]", i.mean, i.std, i.p05, i.p95)
+    let [mean, std, p05, p95] = [i.mean, i.std, i.p05, i.p95].map(number);
+    format!("{mean} ± {std} [{p05}, {p95}]")
+}
+
+/// Four decimals in the everyday range, scientific notation outside it (a bootstrap of a loose fit can
+/// reach 1e100).
+fn number(x: f64) -> String {
+    if x == 0.0 || !x.is_finite() || (1e-3..1e4).contains(&x.abs()) {
+        format!("{x:.4}")
+    } else {
+        format!("{x:.3e}")
+    }
 }
 
 fn error_row(name: &str, e: &PredictionError) -> String {
