@@ -105,13 +105,13 @@ fn median(mut values: Vec<f64>) -> Option<f64> {
 fn fit_family(
     architecture: &str,
     all: Vec<RunRecord>,
+    holdout: Option<&Holdout>,
     args: &FitArgs,
     options: &FitOptions,
 ) -> Result<Family> {
-    let holdout = args.holdout.as_deref().map(Holdout::parse).transpose()?;
     let (held_out, runs): (Vec<RunRecord>, Vec<RunRecord>) = all
         .into_iter()
-        .partition(|r| holdout.as_ref().is_some_and(|h| h.holds_out(r)));
+        .partition(|r| holdout.is_some_and(|h| h.holds_out(r)));
     let points =
         runs::points(&runs, &args.target).with_context(|| format!("{architecture} runs"))?;
     let fit =
@@ -635,7 +635,13 @@ pub fn run_fit(args: FitArgs) -> Result<()> {
             too_few.push(format!("{architecture} ({fitted} runs)"));
             continue;
         }
-        families.push(fit_family(architecture, runs.clone(), &args, &options)?);
+        families.push(fit_family(
+            architecture,
+            runs.clone(),
+            holdout.as_ref(),
+            &args,
+            &options,
+        )?);
     }
     if families.is_empty() {
         bail!(
@@ -781,15 +787,7 @@ pub fn run_sweep(command: SweepCommand, paths: &tokenfold_data::DataPaths) -> Re
         SweepCommand::List { grid, out } => {
             let grid = Grid::load(&grid)?;
             let out = out.unwrap_or_else(|| default_out(&grid));
-            let records = sweep::records_path(&out);
-            let recorded: Vec<String> = if records.is_file() {
-                runs::read_runs(&records)?
-                    .into_iter()
-                    .map(|r| r.name)
-                    .collect()
-            } else {
-                Vec::new()
-            };
+            let recorded = sweep::recorded_runs(&out)?;
             println!("| run | d_model | layers | steps | status |\n|---|---:|---:|---:|---|");
             for run in grid.expand()? {
                 let status = if recorded.contains(&run.name) {

@@ -9,6 +9,7 @@ use tokenfold_data::{Assets, Batch, EvalSpec, Sample, Task, TextTokenizer};
 
 use crate::Result;
 use crate::model::{Inputs, LayerHook, NativeModel, NoHook};
+use crate::moe::LayerRouting;
 
 /// Answers are short (a label is at most a handful of tokens); generation stops there at the latest.
 pub const MAX_ANSWER_TOKENS: usize = 16;
@@ -179,18 +180,25 @@ pub struct SetLoss {
     pub bits_per_byte: f64,
 }
 
-/// Teacher-forced cross-entropy of `samples`' targets, in nats per token and bits per byte.
+/// Teacher-forced cross-entropy of `samples`' targets: summed nats, target tokens and target bytes.
+/// Adds the tokens each expert received to `routing` (mixture-of-experts models).
 fn target_loss(
     model: &NativeModel,
     tokenizer: &TextTokenizer,
     seq: &SequenceConfig,
     samples: &[Sample],
     batch_size: usize,
+    routing: &mut Vec<LayerRouting>,
 ) -> Result<(f64, usize, usize)> {
     let (mut nll, mut tokens, mut bytes) = (0f64, 0usize, 0usize);
     for chunk in samples.chunks(batch_size.max(1)) {
         let batch = Batch::from_samples(chunk, tokenizer, seq)?;
-        let (per_sample, counts) = model.sample_losses(&batch)?;
+        let losses = model.sample_losses_with_routing(&batch)?;
+        routing.resize(losses.routing.len(), LayerRouting::default());
+        for (total, layer) in routing.iter_mut().zip(&losses.routing) {
+            total.add(layer);
+        }
+        let (per_sample, counts) = (losses.per_sample, losses.counts);
         for (mean, count) in per_sample.to_vec1::<f32>()?.into_iter().zip(&counts) {
             nll += mean as f64 * *count as f64;
             tokens += count;
@@ -210,7 +218,9 @@ fn target_loss(
     Ok((nll, tokens, bytes))
 }
 
-/// Validation loss of every set: nats per target token and bits per byte of target text.
+/// Validation loss of every set (nats per target token and bits per byte of target text), and from the
+/// same forward passes the tokens each expert of every mixture-of-experts layer received (empty for a
+/// dense model): the data of the per-layer specialisation score.
 pub fn validation_losses(
     model: &NativeModel,
     tokenizer: &TextTokenizer,
@@ -219,12 +229,14 @@ pub fn validation_losses(
     specs: &[EvalSpec],
     n: usize,
     batch_size: usize,
-) -> Result<Vec<SetLoss>> {
-    specs
+) -> Result<(Vec<SetLoss>, Vec<LayerRouting>)> {
+    let mut routing = Vec::new();
+    let losses = specs
         .iter()
         .map(|spec| {
             let samples = spec.build(assets, n);
-            let (nll, tokens, bytes) = target_loss(model, tokenizer, seq, &samples, batch_size)?;
+            let (nll, tokens, bytes) =
+                target_loss(model, tokenizer, seq, &samples, batch_size, &mut routing)?;
             Ok(SetLoss {
                 set: spec.to_string(),
                 task: spec.task,
@@ -235,34 +247,8 @@ pub fn validation_losses(
                 bits_per_byte: nll / std::f64::consts::LN_2 / bytes.max(1) as f64,
             })
         })
-        .collect()
-}
-
-/// Tokens each expert of every mixture-of-experts layer receives on `specs`' samples (empty for a
-/// dense model): the data of the per-layer specialisation score.
-pub fn routing_statistics(
-    model: &NativeModel,
-    tokenizer: &TextTokenizer,
-    assets: &Assets,
-    seq: &SequenceConfig,
-    specs: &[EvalSpec],
-    n: usize,
-    batch_size: usize,
-) -> Result<Vec<crate::moe::LayerRouting>> {
-    let mut totals: Vec<crate::moe::LayerRouting> = Vec::new();
-    for spec in specs {
-        let samples = spec.build(assets, n);
-        for chunk in samples.chunks(batch_size.max(1)) {
-            let batch = Batch::from_samples(chunk, tokenizer, seq)?;
-            let inputs = Inputs::from_batch(&batch, model.device())?;
-            let state = model.forward(model.embed(&inputs)?, &mut NoHook, None)?;
-            totals.resize(state.routing.len(), Default::default());
-            for (total, layer) in totals.iter_mut().zip(&state.routing) {
-                total.add(layer);
-            }
-        }
-    }
-    Ok(totals)
+        .collect::<Result<_>>()?;
+    Ok((losses, routing))
 }
 
 fn text_result(
@@ -272,7 +258,8 @@ fn text_result(
     samples: &[Sample],
     batch_size: usize,
 ) -> Result<SetResult> {
-    let (nll, tokens, bytes) = target_loss(model, tokenizer, seq, samples, batch_size)?;
+    let (nll, tokens, bytes) =
+        target_loss(model, tokenizer, seq, samples, batch_size, &mut Vec::new())?;
     Ok(SetResult {
         set: String::new(),
         task: Task::Text,

@@ -152,6 +152,13 @@ pub struct KvCache {
     pub next_positions: Vec<u32>,
 }
 
+/// One standard normal draw by Box–Muller from two uniforms in (0, 1]: seeded initialisation, and
+/// seeded random inputs in tests (candle's CPU generator cannot be seeded).
+pub fn standard_normal(rng: &mut impl Rng) -> f64 {
+    let (u1, u2): (f64, f64) = (1.0 - rng.random::<f64>(), rng.random::<f64>());
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}
+
 /// Creates each parameter in a [`VarMap`] from a seeded random stream, in construction order: candle's
 /// own CPU initialisation cannot be seeded, and resumable, comparable runs need a reproducible start.
 struct SeededInit {
@@ -190,13 +197,7 @@ impl SimpleBackend for SeededInit {
         let values: Vec<f32> = match init {
             Init::Const(c) => vec![c as f32; n],
             Init::Randn { mean, stdev } => (0..n)
-                .map(|_| {
-                    // Box–Muller: one standard normal from two uniforms in (0, 1].
-                    let (u1, u2): (f64, f64) = (1.0 - rng.random::<f64>(), rng.random::<f64>());
-                    (mean
-                        + stdev * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos())
-                        as f32
-                })
+                .map(|_| (mean + stdev * standard_normal(&mut *rng)) as f32)
                 .collect(),
             Init::Uniform { lo, up } => (0..n).map(|_| rng.random_range(lo..up) as f32).collect(),
             other => candle_core::bail!("initialisation {other:?} of {name} is not supported"),
@@ -430,6 +431,18 @@ impl Block {
             routing,
         })
     }
+}
+
+/// Teacher-forced losses of a batch, with what the mixture-of-experts layers of the same pass report.
+pub struct SampleLosses {
+    /// Per-sample mean NLL over its target tokens (b,).
+    pub per_sample: Tensor,
+    /// Target tokens per sample.
+    pub counts: Vec<usize>,
+    /// The weighted auxiliary losses (None for a dense model).
+    pub aux_loss: Option<Tensor>,
+    /// Per mixture-of-experts layer, the tokens each expert received.
+    pub routing: Vec<LayerRouting>,
 }
 
 /// How image patches become decoder tokens.
@@ -790,16 +803,17 @@ impl NativeModel {
         batch: &Batch,
         hook: &mut dyn LayerHook,
     ) -> Result<(Tensor, Tensor, Vec<usize>)> {
-        let (logits, targets, samples, _) = self.target_logits_with_aux(batch, hook)?;
+        let (logits, targets, samples, _) = self.target_logits_and_state(batch, hook)?;
         Ok((logits, targets, samples))
     }
 
-    /// [`Self::target_logits`] plus the forward pass's mixture-of-experts auxiliary loss.
-    fn target_logits_with_aux(
+    /// [`Self::target_logits`] plus the state after the last layer (its mixture-of-experts auxiliary
+    /// loss and routing).
+    fn target_logits_and_state(
         &self,
         batch: &Batch,
         hook: &mut dyn LayerHook,
-    ) -> Result<(Tensor, Tensor, Vec<usize>, Option<Tensor>)> {
+    ) -> Result<(Tensor, Tensor, Vec<usize>, SeqState)> {
         let inputs = Inputs::from_batch(batch, &self.device)?;
         let state = self.forward(self.embed(&inputs)?, hook, None)?;
         let (b, t) = (batch.batch_size, batch.seq_len);
@@ -831,20 +845,20 @@ impl NativeModel {
             self.logits(&selected)?,
             Tensor::from_vec(targets, n, &self.device)?,
             samples,
-            state.aux_loss,
+            state,
         ))
     }
 
     /// Per-target negative log-likelihoods of a training batch: for each sample, the mean over its masked
     /// tokens. Returns (per-sample mean NLL (b,), per-sample target-token counts).
     pub fn sample_losses(&self, batch: &Batch) -> Result<(Tensor, Vec<usize>)> {
-        let (per_sample, counts, _) = self.losses_and_aux(batch)?;
-        Ok((per_sample, counts))
+        let losses = self.sample_losses_with_routing(batch)?;
+        Ok((losses.per_sample, losses.counts))
     }
 
-    /// [`Self::sample_losses`] plus the mixture-of-experts auxiliary loss of the same forward pass.
-    fn losses_and_aux(&self, batch: &Batch) -> Result<(Tensor, Vec<usize>, Option<Tensor>)> {
-        let (logits, targets, samples, aux) = self.target_logits_with_aux(batch, &mut NoHook)?;
+    /// [`Self::sample_losses`] plus what the same forward pass's mixture-of-experts layers report.
+    pub fn sample_losses_with_routing(&self, batch: &Batch) -> Result<SampleLosses> {
+        let (logits, targets, samples, state) = self.target_logits_and_state(batch, &mut NoHook)?;
         let b = batch.batch_size;
         let n = samples.len();
         let mut counts = vec![0usize; b];
@@ -857,15 +871,20 @@ impl NativeModel {
         let nll = cross_entropy_rows(&logits, &targets)?;
         let membership = Tensor::from_vec(weights, (b, n), &self.device)?;
         let per_sample = membership.matmul(&nll.unsqueeze(1)?)?.squeeze(1)?;
-        Ok((per_sample, counts, aux))
+        Ok(SampleLosses {
+            per_sample,
+            counts,
+            aux_loss: state.aux_loss,
+            routing: state.routing,
+        })
     }
 
     /// The training loss: the mean over samples of each sample's mean NLL over its target tokens, so that
     /// a long text passage and a one-token answer weigh the same.
     pub fn loss(&self, batch: &Batch) -> Result<Tensor> {
-        let (per_sample, _, aux) = self.losses_and_aux(batch)?;
-        let loss = per_sample.mean_all()?;
-        match aux {
+        let losses = self.sample_losses_with_routing(batch)?;
+        let loss = losses.per_sample.mean_all()?;
+        match losses.aux_loss {
             Some(aux) => loss + aux,
             None => Ok(loss),
         }

@@ -852,12 +852,7 @@ fn moe_from(
 /// Seeded standard-normal values (candle's CPU generator cannot be seeded).
 fn seeded_randn(shape: &[usize], rng: &mut impl rand::Rng) -> Tensor {
     let n: usize = shape.iter().product();
-    let values: Vec<f64> = (0..n)
-        .map(|_| {
-            let (u, v): (f64, f64) = (rng.random_range(f64::EPSILON..1.0), rng.random());
-            (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
-        })
-        .collect();
+    let values: Vec<f64> = (0..n).map(|_| crate::model::standard_normal(rng)).collect();
     Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
 }
 

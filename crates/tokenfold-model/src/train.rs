@@ -319,6 +319,21 @@ pub struct ModalityCounts {
     pub target_tokens: u64,
 }
 
+/// Query–key pairs our mask allows in a sequence of `length` tokens with `image_tokens` image tokens from
+/// `image_start`: causal, except that image tokens see their whole image.
+pub fn masked_attention_pairs(length: usize, image_start: usize, image_tokens: usize) -> u64 {
+    let image_end = image_start + image_tokens;
+    (0..length)
+        .map(|i| {
+            if (image_start..image_end).contains(&i) {
+                image_end
+            } else {
+                i + 1
+            }
+        } as u64)
+        .sum()
+}
+
 impl ModalityCounts {
     /// Adds what one batch feeds the model.
     pub fn add_batch(&mut self, batch: &Batch, tokenizer: &TextTokenizer) -> Result<()> {
@@ -331,10 +346,7 @@ impl ModalityCounts {
             };
             let length = batch.lengths[s];
             let image_start = batch.image_starts[s].unwrap_or(0);
-            let image_end = image_start + image;
-            self.attention_pairs += (0..length)
-                .map(|i| if (image_start..image_end).contains(&i) { image_end } else { i + 1 } as u64)
-                .sum::<u64>();
+            self.attention_pairs += masked_attention_pairs(length, image_start, image);
             self.sequences += 1;
             self.target_tokens += batch.loss_mask[s * batch.seq_len..s * batch.seq_len + length]
                 .iter()

@@ -11,7 +11,7 @@
 
 use serde::{Deserialize, Serialize};
 use tokenfold_model::ModelConfig;
-use tokenfold_model::train::ModalityCounts;
+use tokenfold_model::train::{ModalityCounts, masked_attention_pairs};
 
 /// 6·N·D.
 pub fn early_fusion(params: f64, tokens: f64) -> f64 {
@@ -95,17 +95,7 @@ pub struct SequenceShape {
 
 /// Query–key pairs the mask allows: causal, except that image tokens see their whole image.
 pub fn masked_pairs(shape: &SequenceShape) -> f64 {
-    let image_end = shape.image_start + shape.image_tokens;
-    (0..shape.length)
-        .map(|i| {
-            if (shape.image_start..image_end).contains(&i) {
-                image_end
-            } else {
-                i + 1
-            }
-        })
-        .map(|keys| keys as f64)
-        .sum()
+    masked_attention_pairs(shape.length, shape.image_start, shape.image_tokens) as f64
 }
 
 /// What a forward pass processes, summed over sequences.

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use tokenfold_data::{Assets, EvalSpec, Split};
-use tokenfold_model::eval::{SetLoss, routing_statistics, validation_losses};
+use tokenfold_model::eval::{SetLoss, validation_losses};
 use tokenfold_model::moe::{MoeConfig, Routing};
 use tokenfold_model::train::{RunConfig, RunDir, TrainOptions, prepare_tokenizer, train};
 use tokenfold_model::vision::VisionConfig;
@@ -328,6 +328,18 @@ pub fn records_path(out: &Path) -> PathBuf {
     out.join("runs.jsonl")
 }
 
+/// Names of the runs recorded in the sweep folder `out` (none before its first record).
+pub fn recorded_runs(out: &Path) -> Result<Vec<String>> {
+    let path = records_path(out);
+    if !path.is_file() {
+        return Ok(Vec::new());
+    }
+    Ok(runs::read_runs(&path)?
+        .into_iter()
+        .map(|r| r.name)
+        .collect())
+}
+
 /// Mean loss per task type over its sets, weighted by target tokens; bits per byte likewise by bytes.
 fn per_task(losses: &[SetLoss]) -> (BTreeMap<String, f64>, BTreeMap<String, f64>) {
     let mut sums: BTreeMap<String, (f64, f64, f64, f64)> = BTreeMap::new();
@@ -438,7 +450,7 @@ pub fn run_one(
     let (model, tokenizer, _) = run_dir.load(&tokenfold_model::train::default_device()?)?;
     let model_config = model.config.clone();
     let specs = EvalSpec::all(Split::Val);
-    let losses = validation_losses(
+    let (losses, routing) = validation_losses(
         &model,
         &tokenizer,
         &assets,
@@ -448,18 +460,7 @@ pub fn run_one(
         32,
     )?;
     let (val_loss, val_bits_per_byte) = per_task(&losses);
-    let specialisation = routing_statistics(
-        &model,
-        &tokenizer,
-        &assets,
-        &config.sequence,
-        &specs,
-        eval_samples,
-        32,
-    )?
-    .iter()
-    .map(|layer| layer.specialisation())
-    .collect();
+    let specialisation = routing.iter().map(|layer| layer.specialisation()).collect();
     let counts = summary.modalities;
     // N is the decoder; a late-fusion encoder and connector are N_v, run on image tokens only.
     let vision = model_config
@@ -526,10 +527,11 @@ pub fn run(
         path: out.display().to_string(),
         source,
     })?;
+    // Read once: shards never run each other's runs, so no record this shard needs appears later.
+    let recorded = recorded_runs(out)?;
     let mut outcomes = Vec::new();
     for run in &planned {
-        let done = path.is_file() && runs::read_runs(&path)?.iter().any(|r| r.name == run.name);
-        let outcome = if done {
+        let outcome = if recorded.contains(&run.name) {
             Outcome::Skipped(run.name.clone())
         } else {
             let record = run_one(

@@ -1,20 +1,10 @@
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use rand_distr_free::normal;
+use tokenfold_model::model::standard_normal as normal;
 
 use crate::flops::{self, AttentionWindow, SequenceShape, Workload};
 use crate::law::{self, FitOptions, Law, Point, StartGrid};
 use crate::runs::{self, Holdout};
-
-/// Standard normal draws without another dependency (Box–Muller).
-mod rand_distr_free {
-    use rand::Rng;
-    pub fn normal(rng: &mut impl Rng) -> f64 {
-        let u: f64 = rng.random_range(f64::EPSILON..1.0);
-        let v: f64 = rng.random_range(0.0..1.0);
-        (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
-    }
-}
 
 /// Runs on a 6 × 6 grid of sizes and token counts, their loss drawn from `law` with multiplicative
 /// noise of standard deviation `noise`.
