@@ -788,8 +788,9 @@ pub fn run_sweep(command: SweepCommand, paths: &tokenfold_data::DataPaths) -> Re
             let grid = Grid::load(&grid)?;
             let out = out.unwrap_or_else(|| default_out(&grid));
             let recorded = sweep::recorded_runs(&out)?;
+            let planned = grid.expand()?;
             println!("| run | d_model | layers | steps | status |\n|---|---:|---:|---:|---|");
-            for run in grid.expand()? {
+            for run in planned {
                 let status = if recorded.contains(&run.name) {
                     "recorded"
                 } else {
