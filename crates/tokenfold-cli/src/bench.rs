@@ -52,6 +52,13 @@ pub enum BenchCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Speed of a full training step (forward, backward, clipping, AdamW) of a configuration on real
+    /// batches, split by phase, with the model FLOP utilisation against the machine's GEMM peak (measured
+    /// by the command itself). `bench/compare.sh` runs the same steps in PyTorch.
+    #[command(
+        after_help = "Example:\n  tokenfold bench train --config configs/bench.toml --out results/bench-train.json --baseline results/bench-train-before.json"
+    )]
+    Train(crate::bench_train::Options),
 }
 
 pub fn run(command: BenchCommand, paths: &DataPaths) -> Result<()> {
@@ -67,6 +74,7 @@ pub fn run(command: BenchCommand, paths: &DataPaths) -> Result<()> {
             repeats,
             out,
         } => bench_prefill(paths, &model, plan.as_deref(), repeats, out),
+        BenchCommand::Train(options) => crate::bench_train::run(paths, &options),
     }
 }
 
@@ -95,7 +103,7 @@ fn bench_prefill(
         plan.name
     );
     println!(
-        "| batch | full ms | plan ms | speed-up | reduction ms | reduction share |\n|---:|---:|---:|---:|---:|---:|"
+        "| batch | full ms | plan ms | speed-up | FLOPs-predicted speed-up | measured / predicted | reduction ms | reduction share |\n|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     let mut rows = Vec::new();
     for batch in [1usize, 16] {
@@ -109,19 +117,26 @@ fn bench_prefill(
             repeats,
         )?;
         println!(
-            "| {} | {:.2} | {:.2} | {:.2}× | {:.2} | {:.1}% |",
+            "| {} | {:.2} | {:.2} | {:.2}× | {:.2}× | {:.2} | {:.2} | {:.1}% |",
             l.batch,
             l.full_ms,
             l.plan_ms,
             l.speedup(),
+            l.predicted_speedup,
+            l.speedup_efficiency(),
             l.overhead_ms,
             100.0 * l.overhead_share()
         );
         rows.push(json!({"batch": l.batch, "full_ms": l.full_ms, "plan_ms": l.plan_ms,
-            "speedup": l.speedup(), "reduction_ms": l.overhead_ms, "reduction_share": l.overhead_share()}));
+            "speedup": l.speedup(), "predicted_speedup": l.predicted_speedup,
+            "speedup_efficiency": l.speedup_efficiency(), "reduction_ms": l.overhead_ms,
+            "reduction_share": l.overhead_share(), "lengths": l.lengths, "image_starts": l.image_starts}));
     }
     if let Some(path) = out {
-        let report = json!({"model": model_dir, "plan": plan, "repeats": repeats, "rows": rows});
+        let report = json!({"command": "bench prefill", "model": model_dir, "config": model.config,
+            "parameters": model.parameter_count(), "threads": candle_core::utils::get_num_threads(),
+            "git_revision": tokenfold_scaling::sweep::git_revision(), "plan": plan,
+            "repeats": repeats, "rows": rows});
         tokenfold_data::write_atomic(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;
         println!("\nwrote {}", path.display());
     }

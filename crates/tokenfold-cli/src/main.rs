@@ -1,6 +1,7 @@
 //! The `tokenfold` binary: a thin layer over the tokenfold crates.
 
 mod bench;
+mod bench_train;
 mod data;
 mod demo;
 mod fold;

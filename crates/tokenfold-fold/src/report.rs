@@ -38,11 +38,24 @@ pub struct Latency {
     pub plan_ms: f64,
     /// Time in signals and operators per plan prefill.
     pub overhead_ms: f64,
+    /// The speed-up the decoder's analytical prefill FLOPs predict for this batch: full over planned.
+    #[serde(default)]
+    pub predicted_speedup: f64,
+    /// The prompts' lengths and image spans (what a reference implementation needs to time the same
+    /// prefill).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lengths: Vec<usize>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_starts: Vec<Option<usize>>,
 }
 
 impl Latency {
     pub fn speedup(&self) -> f64 {
         self.full_ms / self.plan_ms.max(1e-9)
+    }
+    /// The measured speed-up as a share of the one the FLOPs predict.
+    pub fn speedup_efficiency(&self) -> f64 {
+        self.speedup() / self.predicted_speedup.max(1e-9)
     }
     pub fn overhead_share(&self) -> f64 {
         self.overhead_ms / self.plan_ms.max(1e-9)
@@ -151,16 +164,31 @@ pub fn measure_latency(
         model.prefill(&inputs, &mut NoHook, &mut KvCache::default())?;
         Ok(Duration::ZERO)
     })?;
+    let mut trace = None;
     let (plan_ms, overhead_ms) = time(&mut || {
         let mut hook = FoldHook::new(model, plan);
         model.prefill(&inputs, &mut hook, &mut KvCache::default())?;
-        Ok(hook.trace.overhead)
+        let overhead = hook.trace.overhead;
+        trace = Some(hook.trace);
+        Ok(overhead)
     })?;
+    let trace = trace.expect("the plan ran at least once");
+    let layers = model.n_layers();
+    let full_flops = prefill_flops(
+        &model.config,
+        &vec![trace.prompt_tokens as f64; layers],
+        &vec![trace.prompt_tokens_sq; layers],
+    );
+    let entering: Vec<f64> = trace.entering_all.iter().map(|&t| t as f64).collect();
+    let plan_flops = prefill_flops(&model.config, &entering, &trace.entering_all_sq);
     Ok(Latency {
         batch: prompts.len(),
         full_ms,
         plan_ms,
         overhead_ms,
+        predicted_speedup: full_flops / plan_flops.max(1e-9),
+        lengths: inputs.lengths.clone(),
+        image_starts: inputs.image_starts.clone(),
     })
 }
 

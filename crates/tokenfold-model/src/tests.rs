@@ -140,9 +140,15 @@ fn randn(shape: &[usize]) -> Tensor {
 
 #[test]
 fn rms_norm_gradient() {
-    check_gradient("rms_norm", &[randn(&[3, 5]), randn(&[5])], |x| {
-        ops::rms_norm(&x[0], &x[1], 1e-5)
+    check_gradient("rms_norm (plain)", &[randn(&[3, 5]), randn(&[5])], |x| {
+        ops::rms_norm_plain(&x[0], &x[1], 1e-5)
     });
+    // 70 rows cross the kernel's 64-row chunks.
+    check_gradient(
+        "rms_norm (fused kernel)",
+        &[randn(&[70, 3]), randn(&[3])],
+        |x| crate::kernels::rms_norm(&x[0], &x[1], 1e-5),
+    );
 }
 
 #[test]
@@ -155,9 +161,70 @@ fn softmax_and_log_softmax_gradients() {
 
 #[test]
 fn swiglu_gradient() {
-    check_gradient("swiglu", &[randn(&[3, 4]), randn(&[3, 4])], |x| {
-        ops::swiglu(&x[0], &x[1])
+    check_gradient("swiglu (plain)", &[randn(&[3, 4]), randn(&[3, 4])], |x| {
+        ops::swiglu_plain(&x[0], &x[1])
     });
+    check_gradient(
+        "swiglu (fused kernel)",
+        &[randn(&[3, 4]), randn(&[3, 4])],
+        |x| crate::kernels::swiglu(&x[0], &x[1]),
+    );
+}
+
+#[test]
+fn fused_elementwise_kernels_match_the_plain_ops_in_values_and_gradients() {
+    let f32_randn = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap();
+    // Shapes cross the kernels' chunk sizes (64 rows, 2^14 elements).
+    let (b, h, t, hd) = (3, 4, 37, 16);
+    let positions: Vec<u32> = (0..b * t).map(|i| (i % t + i / t) as u32).collect();
+    let (cos, sin) = ops::rope_tables(hd, 64, 10_000.0, &Device::Cpu).unwrap();
+    let ids = Tensor::from_vec(positions, b * t, &Device::Cpu).unwrap();
+    let table = |tab: &Tensor| {
+        tab.index_select(&ids, 0)
+            .unwrap()
+            .reshape((b, 1, t, hd / 2))
+            .unwrap()
+    };
+    let (cos, sin) = (table(&cos), table(&sin));
+    type Op<'a> = Box<dyn Fn(&[Tensor], bool) -> candle_core::Result<Tensor> + 'a>;
+    let cases: Vec<(&str, Vec<Tensor>, Op)> = vec![
+        (
+            "rms_norm",
+            vec![f32_randn(&[5, 40, 24]), f32_randn(&[24])],
+            Box::new(|x, fused| {
+                if fused {
+                    crate::kernels::rms_norm(&x[0], &x[1], 1e-5)
+                } else {
+                    ops::rms_norm_plain(&x[0], &x[1], 1e-5)
+                }
+            }),
+        ),
+        (
+            "swiglu",
+            vec![f32_randn(&[7, 50, 96]), f32_randn(&[7, 50, 96])],
+            Box::new(|x, fused| {
+                if fused {
+                    crate::kernels::swiglu(&x[0], &x[1])
+                } else {
+                    ops::swiglu_plain(&x[0], &x[1])
+                }
+            }),
+        ),
+        (
+            "rope",
+            vec![f32_randn(&[b, h, t, hd])],
+            Box::new(|x, fused| {
+                if fused {
+                    crate::kernels::rope(&x[0], &cos, &sin)
+                } else {
+                    ops::apply_rope_plain(&x[0], &cos, &sin)
+                }
+            }),
+        ),
+    ];
+    for (name, inputs, op) in &cases {
+        assert_fused_matches_plain(name, inputs, op);
+    }
 }
 
 #[test]
@@ -178,8 +245,11 @@ fn rope_gradient_and_rotation() {
         .unwrap()
         .reshape((1, 1, 3, 2))
         .unwrap();
-    check_gradient("apply_rope", &[randn(&[1, 2, 3, 4])], |x| {
-        ops::apply_rope(&x[0], &cos, &sin)
+    check_gradient("apply_rope (plain)", &[randn(&[1, 2, 3, 4])], |x| {
+        ops::apply_rope_plain(&x[0], &cos, &sin)
+    });
+    check_gradient("apply_rope (fused kernel)", &[randn(&[1, 2, 3, 4])], |x| {
+        crate::kernels::rope(&x[0], &cos, &sin)
     });
     // A rotation: norms are kept, and position 0 is the identity.
     let x = randn(&[1, 1, 3, 4]);
@@ -211,15 +281,17 @@ fn attention_gradient_and_mask() {
     .unwrap()
     .reshape((1, 1, 3, 3))
     .unwrap();
-    check_gradient(
-        "attention",
-        &[
-            randn(&[1, 2, 3, 4]),
-            randn(&[1, 2, 3, 4]),
-            randn(&[1, 2, 3, 4]),
-        ],
-        |x| ops::attention(&x[0], &x[1], &x[2], &bias),
-    );
+    let inputs = [
+        randn(&[1, 2, 3, 4]),
+        randn(&[1, 2, 3, 4]),
+        randn(&[1, 2, 3, 4]),
+    ];
+    check_gradient("attention (plain)", &inputs, |x| {
+        ops::attention_plain(&x[0], &x[1], &x[2], &bias)
+    });
+    check_gradient("attention (fused kernel)", &inputs, |x| {
+        crate::kernels::attention(&x[0], &x[1], &x[2], &bias, 0.5)
+    });
     // The first query sees only the first key: its output is the first value.
     let (q, k, v) = (
         randn(&[1, 1, 3, 4]),
@@ -233,6 +305,108 @@ fn attention_gradient_and_mask() {
     );
     for (x, y) in a.iter().zip(&b) {
         assert!((x - y).abs() < 1e-9);
+    }
+}
+
+/// The model's mask for `lengths` (right padding to `t`), causal except within an image span, plus a
+/// per-key bias; (b, 1, t, t).
+fn model_like_bias(lengths: &[usize], t: usize, image: (usize, usize)) -> Tensor {
+    let b = lengths.len();
+    let mut bias = vec![ops::MASKED; b * t * t];
+    for (s, &len) in lengths.iter().enumerate() {
+        let in_image = |j: usize| j >= image.0 && j < image.0 + image.1;
+        for i in 0..t {
+            for j in 0..len {
+                if j <= i || (in_image(i) && in_image(j)) {
+                    bias[(s * t + i) * t + j] = 0.1 * ((j % 5) as f32 - 2.0);
+                }
+            }
+        }
+    }
+    Tensor::from_vec(bias, (b, 1, t, t), &Device::Cpu).unwrap()
+}
+
+/// Largest difference between two tensors relative to the largest magnitude of the reference.
+fn relative_error(a: &Tensor, reference: &Tensor) -> f64 {
+    let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+    let r: Vec<f32> = reference.flatten_all().unwrap().to_vec1().unwrap();
+    let scale = r.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-30) as f64;
+    a.iter()
+        .zip(&r)
+        .map(|(x, y)| (x - y).abs() as f64)
+        .fold(0.0, f64::max)
+        / scale
+}
+
+/// A fused kernel (`op(inputs, true)`) against the plain ops (`op(inputs, false)`): output and the
+/// gradient of every input, each within 1e-5 of the plain value relative to its largest magnitude.
+fn assert_fused_matches_plain(
+    name: &str,
+    inputs: &[Tensor],
+    op: &dyn Fn(&[Tensor], bool) -> candle_core::Result<Tensor>,
+) {
+    let vars: Vec<candle_core::Var> = inputs
+        .iter()
+        .map(|x| candle_core::Var::from_tensor(x).unwrap())
+        .collect();
+    let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let upstream =
+        Tensor::randn(0f32, 1.0, op(&tensors, false).unwrap().dims(), &Device::Cpu).unwrap();
+    let run = |fused: bool| {
+        let out = op(&tensors, fused).unwrap();
+        let grads = (&out * &upstream)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let mut all = vec![out.detach()];
+        all.extend(vars.iter().map(|v| grads.get(v).unwrap().clone()));
+        all
+    };
+    let (fused, plain) = (run(true), run(false));
+    for (i, (a, r)) in fused.iter().zip(&plain).enumerate() {
+        let error = relative_error(a, r);
+        let what = match i {
+            0 => "output".to_string(),
+            _ => format!("gradient of input {}", i - 1),
+        };
+        assert!(
+            error < 1e-5,
+            "{name}: {what} differs by {error:.2e} (relative)"
+        );
+    }
+}
+
+#[test]
+fn fused_attention_matches_the_plain_ops_in_values_and_gradients() {
+    let f32_randn = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap();
+    // Prefill: 70 positions cross a 64-row tile; padding, an image span and a row with no visible key
+    // (sample 2 has length 0) included. Decode: 3 new queries against 75 cached keys. Per-head bias.
+    let prefill = model_like_bias(&[70, 41, 0], 70, (3, 20));
+    let decode = model_like_bias(&[75, 60], 75, (5, 30))
+        .narrow(2, 72, 3)
+        .unwrap();
+    let per_head = Tensor::randn(0f32, 1.0, (1, 3, 9, 9), &Device::Cpu).unwrap();
+    let cases = [
+        ("prefill", [3, 4, 70, 16], 70, prefill),
+        ("decode", [2, 4, 3, 8], 75, decode),
+        ("per-head bias", [1, 3, 9, 8], 9, per_head),
+    ];
+    for (name, [b, h, tq, d], tk, bias) in &cases {
+        let scale = 1.0 / (*d as f64).sqrt();
+        let inputs = [
+            f32_randn(&[*b, *h, *tq, *d]),
+            f32_randn(&[*b, *h, *tk, *d]),
+            f32_randn(&[*b, *h, *tk, *d]),
+        ];
+        assert_fused_matches_plain(name, &inputs, &|x, fused| {
+            if fused {
+                crate::kernels::attention(&x[0], &x[1], &x[2], bias, scale)
+            } else {
+                ops::attention_plain(&x[0], &x[1], &x[2], bias)
+            }
+        });
     }
 }
 

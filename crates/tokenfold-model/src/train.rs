@@ -434,7 +434,8 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     Ok(tokenfold_data::write_atomic(path, text.as_bytes())?)
 }
 
-fn sorted_vars(model: &NativeModel) -> Vec<(String, Var)> {
+/// The model's trainable variables, sorted by name (the order the optimizer and checkpoints use).
+pub fn sorted_vars(model: &NativeModel) -> Vec<(String, Var)> {
     let data = model.varmap.data().lock().expect("variable map lock");
     let mut vars: Vec<(String, Var)> = data.iter().map(|(n, v)| (n.clone(), v.clone())).collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));

@@ -362,7 +362,7 @@ fn per_task(losses: &[SetLoss]) -> (BTreeMap<String, f64>, BTreeMap<String, f64>
     (nats, bpb)
 }
 
-fn git_revision() -> Option<String> {
+pub fn git_revision() -> Option<String> {
     let out = std::process::Command::new("git")
         .args(["rev-parse", "--short=12", "HEAD"])
         .output()

@@ -1,0 +1,794 @@
+//! Fused CPU kernels with their backward pass, as candle custom ops.
+//!
+//! Written out with candle's elementwise ops, attention materialises the (b, h, tq, tk) score matrix
+//! about six times in the forward pass (scaled, biased, shifted, exponentiated, normalised) and more in
+//! the backward pass; on 2 cores that memory traffic and its page faults cost more than the matrix
+//! products. [`attention`] computes the same function in tiles of query rows: per head and tile, the
+//! scores live in a small buffer that stays in cache, masked key ranges are skipped, and only the
+//! row maximum and sum of exponentials are kept for the backward pass, which recomputes the probabilities
+//! (FlashAttention's scheme, here with the whole key range in one tile since our sequences are short).
+//!
+//! The plain ops of [`crate::ops`] remain the reference: set `TOKENFOLD_PLAIN_OPS=1` to run them instead
+//! (for debugging), and every kernel here is tested against them and against finite differences.
+
+use std::sync::{Mutex, OnceLock};
+
+use candle_core::{
+    CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, WithDType, bail,
+};
+use num_traits::Float;
+use rayon::prelude::*;
+
+/// Query rows per tile: the tile's scores (rows × keys) stay in L2 for sequences of a few hundred keys.
+const TILE: usize = 64;
+
+/// Attention logits at or below this count as masked, so their keys can be skipped: the model's mask
+/// value is −1e9, and exp of anything that far below the row maximum is exactly 0 in f32 and f64.
+const MASK_THRESHOLD: f64 = -1e8;
+
+/// Whether the fused kernels run (unless `TOKENFOLD_PLAIN_OPS` is set to anything but `0`).
+pub fn fused_enabled() -> bool {
+    static ENABLED: OnceLock<bool> = OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var("TOKENFOLD_PLAIN_OPS").map_or(true, |v| v == "0"))
+}
+
+/// Whether [`attention`] can run these inputs: CPU tensors of f32 or f64, and a bias that needs no
+/// gradient (the search's soft masks do; they take the plain path).
+pub fn attention_supported(q: &Tensor, bias: &Tensor) -> bool {
+    q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F64) && !bias.track_op()
+}
+
+/// softmax(q·kᵀ·scale + bias)·v for q (b, h, tq, d), k and v (b, h, tk, d) and bias (b, 1 or h, tq, tk)
+/// or anything that broadcasts to it. Gradients flow to q, k and v; the bias is treated as a constant.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, h, tq, d) = q.dims4()?;
+    let tk = k.dim(2)?;
+    if k.dims() != [b, h, tk, d] || v.dims() != [b, h, tk, d] {
+        bail!(
+            "fused attention: q {:?}, k {:?} and v {:?} do not match",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    let bias_heads = match bias.dims() {
+        [_, 1, _, _] | [_, _] | [_] => 1,
+        _ => h,
+    };
+    let bias = bias
+        .broadcast_as((b, bias_heads, tq, tk))?
+        .to_dtype(q.dtype())?
+        .contiguous()?;
+    let op = FusedAttention {
+        scale,
+        bias,
+        bias_heads,
+        lse: Mutex::new(Vec::new()),
+    };
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+struct FusedAttention {
+    scale: f64,
+    /// (b, bias_heads, tq, tk), contiguous, in the inputs' dtype.
+    bias: Tensor,
+    bias_heads: usize,
+    /// Per (b, h, query row), the maximum and the sum of the exponentials of its logits, from the
+    /// forward pass for the backward.
+    lse: Mutex<Vec<(f64, f64)>>,
+}
+
+/// Dimensions of one call.
+#[derive(Clone, Copy)]
+struct Dims {
+    b: usize,
+    h: usize,
+    tq: usize,
+    tk: usize,
+    d: usize,
+    bias_heads: usize,
+}
+
+impl Dims {
+    /// The bias rows (tq × tk) of head `bh` (= batch · h + head).
+    fn bias_offset(&self, bh: usize) -> usize {
+        let (s, head) = (bh / self.h, bh % self.h);
+        (s * self.bias_heads + head % self.bias_heads) * self.tq * self.tk
+    }
+}
+
+fn contiguous_slice<'a, T: WithDType>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    name: &str,
+) -> Result<&'a [T]> {
+    let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
+        candle_core::Error::Msg(format!("fused attention: {name} not contiguous"))
+    })?;
+    Ok(&storage.as_slice::<T>()?[start..end])
+}
+
+/// The slice of a contiguous CPU tensor; the read guard must outlive it, hence the callback.
+fn with_slice<T: WithDType, R>(tensor: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
+    let (storage, layout) = tensor.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(cpu) => f(contiguous_slice(cpu, layout, "tensor")?),
+        _ => bail!("fused attention runs on the CPU only"),
+    }
+}
+
+impl CustomOp3 for FusedAttention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, h, tq, d) = l1.shape().dims4()?;
+        let tk = l2.shape().dims4()?.2;
+        let dims = Dims {
+            b,
+            h,
+            tq,
+            tk,
+            d,
+            bias_heads: self.bias_heads,
+        };
+        let shape = Shape::from((b, h, tq, d));
+        macro_rules! forward {
+            ($t:ty, $wrap:path) => {{
+                let q = contiguous_slice::<$t>(s1, l1, "q")?;
+                let k = contiguous_slice::<$t>(s2, l2, "k")?;
+                let v = contiguous_slice::<$t>(s3, l3, "v")?;
+                let (out, lse) = with_slice::<$t, _>(&self.bias, |bias| {
+                    Ok(forward::<$t>(dims, q, k, v, bias, self.scale))
+                })?;
+                *self.lse.lock().expect("lse lock") = lse;
+                Ok(($wrap(out), shape))
+            }};
+        }
+        match s1 {
+            CpuStorage::F32(_) => forward!(f32, CpuStorage::F32),
+            CpuStorage::F64(_) => forward!(f64, CpuStorage::F64),
+            _ => bail!("fused attention supports f32 and f64"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        grad_out: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, h, tq, d) = q.dims4()?;
+        let tk = k.dim(2)?;
+        let dims = Dims {
+            b,
+            h,
+            tq,
+            tk,
+            d,
+            bias_heads: self.bias_heads,
+        };
+        let grad_out = grad_out.contiguous()?;
+        let lse = self.lse.lock().expect("lse lock");
+        macro_rules! backward {
+            ($t:ty) => {{
+                let (dq, dk, dv) = with_slice::<$t, _>(q, |q| {
+                    with_slice::<$t, _>(k, |k| {
+                        with_slice::<$t, _>(v, |v| {
+                            with_slice::<$t, _>(out, |o| {
+                                with_slice::<$t, _>(&grad_out, |go| {
+                                    with_slice::<$t, _>(&self.bias, |bias| {
+                                        Ok(backward::<$t>(
+                                            dims, q, k, v, o, go, bias, &lse, self.scale,
+                                        ))
+                                    })
+                                })
+                            })
+                        })
+                    })
+                })?;
+                let device = q.device();
+                (
+                    Tensor::from_vec(dq, (b, h, tq, d), device)?,
+                    Tensor::from_vec(dk, (b, h, tk, d), device)?,
+                    Tensor::from_vec(dv, (b, h, tk, d), device)?,
+                )
+            }};
+        }
+        let (dq, dk, dv) = match q.dtype() {
+            DType::F32 => backward!(f32),
+            DType::F64 => backward!(f64),
+            dtype => bail!("fused attention supports f32 and f64, not {dtype:?}"),
+        };
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// The element types the kernels run in.
+trait Real:
+    Float
+    + WithDType
+    + std::ops::AddAssign
+    + std::ops::MulAssign
+    + Send
+    + Sync
+    + std::iter::Sum
+    + 'static
+{
+}
+impl Real for f32 {}
+impl Real for f64 {}
+
+fn real<T: Real>(x: f64) -> T {
+    T::from(x).expect("f64 converts to f32 and f64")
+}
+
+/// The key range [lo, hi) that holds every visible key of query rows `rows` (all keys when some row
+/// sees none, so that such a row keeps the plain softmax's uniform weights).
+fn key_range<T: Real>(bias: &[T], tk: usize, rows: std::ops::Range<usize>) -> (usize, usize) {
+    let threshold = real::<T>(MASK_THRESHOLD);
+    let (mut lo, mut hi) = (tk, 0);
+    for r in rows {
+        let row = &bias[r * tk..(r + 1) * tk];
+        match row.iter().position(|&x| x > threshold) {
+            Some(first) => {
+                let last = row.iter().rposition(|&x| x > threshold).unwrap_or(first);
+                lo = lo.min(first);
+                hi = hi.max(last + 1);
+            }
+            None => return (0, tk),
+        }
+    }
+    (lo, hi)
+}
+
+/// C (m × n, row stride `c_rs`) = `beta`·C + `alpha`·A·B for A (m × k) and B (k × n) given by their row
+/// and column strides. Single-threaded: the kernels parallelise over heads.
+#[allow(clippy::too_many_arguments)]
+fn matmul<T: Real>(
+    (m, n, k): (usize, usize, usize),
+    c: &mut [T],
+    c_rs: usize,
+    accumulate: bool,
+    a: &[T],
+    (a_rs, a_cs): (usize, usize),
+    b: &[T],
+    (b_rs, b_cs): (usize, usize),
+    alpha: T,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    debug_assert!(c.len() >= (m - 1) * c_rs + n);
+    debug_assert!(k == 0 || a.len() > (m - 1) * a_rs + (k - 1) * a_cs);
+    debug_assert!(k == 0 || b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
+    // SAFETY: the asserts above (checked in debug builds, guaranteed by the callers' shapes) keep every
+    // index gemm touches inside the three slices, and `c` does not alias `a` or `b` (it is borrowed
+    // mutably).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            c_rs as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            T::one(),
+            alpha,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// p (rows × n) = q·kᵀ·scale for `rows` query rows and `n` key rows of width d.
+fn scaled_scores<T: Real>(
+    p: &mut [T],
+    (rows, n, d): (usize, usize, usize),
+    q: &[T],
+    k: &[T],
+    scale: T,
+) {
+    matmul((rows, n, d), p, n, false, q, (d, 1), k, (1, d), scale);
+}
+
+/// Forward pass: the outputs (b, h, tq, d) and, per query row, the maximum logit and the sum of the
+/// exponentials. They are kept apart rather than as one log-sum-exp: with a mask of −1e9 in f32,
+/// max + ln(sum) rounds back to max, and a row with no visible key would lose its 1/sum.
+fn forward<T: Real>(
+    dims: Dims,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    bias: &[T],
+    scale: f64,
+) -> (Vec<T>, Vec<(f64, f64)>) {
+    let Dims { tq, tk, d, .. } = dims;
+    let mut out = vec![T::zero(); dims.b * dims.h * tq * d];
+    let mut lse = vec![(0f64, 0f64); dims.b * dims.h * tq];
+    out.par_chunks_mut(tq * d.max(1))
+        .zip(lse.par_chunks_mut(tq.max(1)))
+        .enumerate()
+        .for_each(|(bh, (out, lse))| {
+            let q = &q[bh * tq * d..(bh + 1) * tq * d];
+            let k = &k[bh * tk * d..(bh + 1) * tk * d];
+            let v = &v[bh * tk * d..(bh + 1) * tk * d];
+            let bias = &bias[dims.bias_offset(bh)..dims.bias_offset(bh) + tq * tk];
+            let mut scores = vec![T::zero(); TILE * tk];
+            for r0 in (0..tq).step_by(TILE) {
+                let rows = TILE.min(tq - r0);
+                let (lo, hi) = key_range(bias, tk, r0..r0 + rows);
+                let n = hi - lo;
+                let p = &mut scores[..rows * n];
+                scaled_scores(p, (rows, n, d), &q[r0 * d..], &k[lo * d..], real(scale));
+                for r in 0..rows {
+                    let row = &mut p[r * n..(r + 1) * n];
+                    let bias_row = &bias[(r0 + r) * tk + lo..(r0 + r) * tk + hi];
+                    let mut max = T::neg_infinity();
+                    for (x, &b) in row.iter_mut().zip(bias_row) {
+                        *x += b;
+                        max = Float::max(max, *x);
+                    }
+                    let mut sum = T::zero();
+                    for x in row.iter_mut() {
+                        *x = (*x - max).exp();
+                        sum += *x;
+                    }
+                    let inv = sum.recip();
+                    row.iter_mut().for_each(|x| *x *= inv);
+                    lse[r0 + r] = (WithDType::to_f64(max), WithDType::to_f64(sum));
+                }
+                // out = p·v.
+                matmul(
+                    (rows, d, n),
+                    &mut out[r0 * d..],
+                    d,
+                    false,
+                    p,
+                    (n, 1),
+                    &v[lo * d..],
+                    (d, 1),
+                    T::one(),
+                );
+            }
+        });
+    (out, lse)
+}
+
+/// Backward pass: gradients of q, k and v given the outputs' gradient `go`.
+#[allow(clippy::too_many_arguments)]
+fn backward<T: Real>(
+    dims: Dims,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    o: &[T],
+    go: &[T],
+    bias: &[T],
+    lse: &[(f64, f64)],
+    scale: f64,
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let Dims { tq, tk, d, .. } = dims;
+    let heads = dims.b * dims.h;
+    let mut dq = vec![T::zero(); heads * tq * d];
+    let mut dk = vec![T::zero(); heads * tk * d];
+    let mut dv = vec![T::zero(); heads * tk * d];
+    let scale_t: T = real(scale);
+    dq.par_chunks_mut(tq * d.max(1))
+        .zip(dk.par_chunks_mut(tk * d.max(1)))
+        .zip(dv.par_chunks_mut(tk * d.max(1)))
+        .enumerate()
+        .for_each(|(bh, ((dq, dk), dv))| {
+            let q = &q[bh * tq * d..(bh + 1) * tq * d];
+            let o = &o[bh * tq * d..(bh + 1) * tq * d];
+            let go = &go[bh * tq * d..(bh + 1) * tq * d];
+            let k = &k[bh * tk * d..(bh + 1) * tk * d];
+            let v = &v[bh * tk * d..(bh + 1) * tk * d];
+            let bias = &bias[dims.bias_offset(bh)..dims.bias_offset(bh) + tq * tk];
+            let lse = &lse[bh * tq..(bh + 1) * tq];
+            let mut p_buf = vec![T::zero(); TILE * tk];
+            let mut dp_buf = vec![T::zero(); TILE * tk];
+            for r0 in (0..tq).step_by(TILE) {
+                let rows = TILE.min(tq - r0);
+                let (lo, hi) = key_range(bias, tk, r0..r0 + rows);
+                let n = hi - lo;
+                let p = &mut p_buf[..rows * n];
+                let dp = &mut dp_buf[..rows * n];
+                // Recompute p = exp(q·kᵀ·scale + bias − max) / sum.
+                scaled_scores(p, (rows, n, d), &q[r0 * d..], &k[lo * d..], scale_t);
+                for r in 0..rows {
+                    let bias_row = &bias[(r0 + r) * tk + lo..(r0 + r) * tk + hi];
+                    let (max, sum) = lse[r0 + r];
+                    let (max, inv): (T, T) = (real(max), real::<T>(sum).recip());
+                    for (x, &b) in p[r * n..(r + 1) * n].iter_mut().zip(bias_row) {
+                        *x = (*x + b - max).exp() * inv;
+                    }
+                }
+                // dp = go·vᵀ; ds = p ∘ (dp − rowsum(go ∘ o)), stored in dp.
+                matmul(
+                    (rows, n, d),
+                    dp,
+                    n,
+                    false,
+                    &go[r0 * d..],
+                    (d, 1),
+                    &v[lo * d..],
+                    (1, d),
+                    T::one(),
+                );
+                for r in 0..rows {
+                    let row = (r0 + r) * d..(r0 + r + 1) * d;
+                    let delta: T = go[row.clone()]
+                        .iter()
+                        .zip(&o[row])
+                        .map(|(&g, &y)| g * y)
+                        .sum();
+                    for (ds, &pr) in dp[r * n..(r + 1) * n]
+                        .iter_mut()
+                        .zip(&p[r * n..(r + 1) * n])
+                    {
+                        *ds = pr * (*ds - delta);
+                    }
+                }
+                // dq = ds·k·scale; dk += dsᵀ·q·scale; dv += pᵀ·go.
+                matmul(
+                    (rows, d, n),
+                    &mut dq[r0 * d..],
+                    d,
+                    false,
+                    dp,
+                    (n, 1),
+                    &k[lo * d..],
+                    (d, 1),
+                    scale_t,
+                );
+                matmul(
+                    (n, d, rows),
+                    &mut dk[lo * d..],
+                    d,
+                    true,
+                    dp,
+                    (1, n),
+                    &q[r0 * d..],
+                    (d, 1),
+                    scale_t,
+                );
+                matmul(
+                    (n, d, rows),
+                    &mut dv[lo * d..],
+                    d,
+                    true,
+                    p,
+                    (1, n),
+                    &go[r0 * d..],
+                    (d, 1),
+                    T::one(),
+                );
+            }
+        });
+    (dq, dk, dv)
+}
+
+// ------------------------------------------------------------------------------------------------
+// Elementwise kernels: one pass over memory where the plain ops make several, each with a fresh
+// tensor. Rows are processed in parallel chunks.
+
+/// Rows per parallel chunk of the row-wise kernels.
+const ROWS_PER_CHUNK: usize = 64;
+
+/// Whether the elementwise kernels can run on these tensors (CPU, f32 or f64) and any tensor in
+/// `constants` needs no gradient.
+pub fn elementwise_supported(x: &Tensor, constants: &[&Tensor]) -> bool {
+    fused_enabled()
+        && x.device().is_cpu()
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+        && constants.iter().all(|c| !c.track_op())
+}
+
+/// A fused kernel of two same-dtype inputs, written once for f32 and f64; [`Binary`] makes it a candle
+/// op.
+trait BinaryKernel: Send + Sync + 'static {
+    const NAME: &'static str;
+    fn forward<T: Real>(&self, a: &[T], b: &[T]) -> Vec<T>;
+    /// The gradients of a and b (each of its input's length) given the output's gradient `g`.
+    fn backward<T: Real>(&self, a: &[T], b: &[T], g: &[T]) -> (Vec<T>, Vec<T>);
+}
+
+struct Binary<K>(K);
+
+impl<K: BinaryKernel> candle_core::CustomOp2 for Binary<K> {
+    fn name(&self) -> &'static str {
+        K::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(self.0.forward(
+                contiguous_slice::<f32>(s1, l1, K::NAME)?,
+                contiguous_slice::<f32>(s2, l2, K::NAME)?,
+            )),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(self.0.forward(
+                contiguous_slice::<f64>(s1, l1, K::NAME)?,
+                contiguous_slice::<f64>(s2, l2, K::NAME)?,
+            )),
+            _ => bail!("{} needs two f32 or two f64 inputs", K::NAME),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        macro_rules! grads {
+            ($t:ty) => {{
+                let (da, db) = with_slice::<$t, _>(a, |a| {
+                    with_slice::<$t, _>(b, |b| {
+                        with_slice::<$t, _>(&grad, |g| Ok(self.0.backward(a, b, g)))
+                    })
+                })?;
+                (
+                    Tensor::from_vec(da, a.shape(), a.device())?,
+                    Tensor::from_vec(db, b.shape(), b.device())?,
+                )
+            }};
+        }
+        let (da, db) = match a.dtype() {
+            DType::F32 => grads!(f32),
+            DType::F64 => grads!(f64),
+            dtype => bail!("{} supports f32 and f64, not {dtype:?}", K::NAME),
+        };
+        Ok((Some(da), Some(db)))
+    }
+}
+
+/// RMSNorm over the last dimension, x / sqrt(mean(x²) + eps) · weight, for x (…, d) and weight (d).
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let d = x.dim(candle_core::D::Minus1)?;
+    if weight.dims() != [d] {
+        bail!("rms_norm: weight {:?} for rows of {d}", weight.dims());
+    }
+    x.contiguous()?
+        .apply_op2(&weight.contiguous()?, Binary(RmsNorm { eps }))
+}
+
+struct RmsNorm {
+    eps: f64,
+}
+
+/// 1 / sqrt(mean(x²) + eps) of one row.
+fn inv_rms<T: Real>(row: &[T], eps: f64) -> T {
+    let mean_square: T = row.iter().map(|&x| x * x).sum::<T>() / real(row.len() as f64);
+    (mean_square + real(eps)).sqrt().recip()
+}
+
+impl BinaryKernel for RmsNorm {
+    const NAME: &'static str = "fused-rms-norm";
+
+    fn forward<T: Real>(&self, x: &[T], w: &[T]) -> Vec<T> {
+        let d = w.len();
+        let mut out = vec![T::zero(); x.len()];
+        out.par_chunks_mut(d * ROWS_PER_CHUNK)
+            .zip(x.par_chunks(d * ROWS_PER_CHUNK))
+            .for_each(|(out, x)| {
+                for (y, x) in out.chunks_mut(d).zip(x.chunks(d)) {
+                    let inv = inv_rms(x, self.eps);
+                    for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+                        *y = x * inv * w;
+                    }
+                }
+            });
+        out
+    }
+
+    fn backward<T: Real>(&self, x: &[T], w: &[T], g: &[T]) -> (Vec<T>, Vec<T>) {
+        let d = w.len();
+        let mut dx = vec![T::zero(); x.len()];
+        let dw = dx
+            .par_chunks_mut(d * ROWS_PER_CHUNK)
+            .zip(x.par_chunks(d * ROWS_PER_CHUNK))
+            .zip(g.par_chunks(d * ROWS_PER_CHUNK))
+            .map(|((dx, x), g)| {
+                let mut dw = vec![T::zero(); d];
+                for ((dx, x), g) in dx.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
+                    let inv = inv_rms(x, self.eps);
+                    // d/dx of x·inv·w: inv·(g∘w) − x·inv³·Σ(g∘w∘x)/d.
+                    let dot: T = g.iter().zip(w).zip(x).map(|((&g, &w), &x)| g * w * x).sum();
+                    let k = inv * inv * inv * dot / real(d as f64);
+                    for i in 0..d {
+                        dx[i] = inv * g[i] * w[i] - x[i] * k;
+                        dw[i] += g[i] * x[i] * inv;
+                    }
+                }
+                dw
+            })
+            .reduce(
+                || vec![T::zero(); d],
+                |a, b| a.iter().zip(&b).map(|(&a, &b)| a + b).collect(),
+            );
+        (dx, dw)
+    }
+}
+
+/// SwiGLU, silu(gate) · up, for two tensors of one shape.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if gate.dims() != up.dims() {
+        bail!(
+            "swiglu: gate {:?} and up {:?} differ",
+            gate.dims(),
+            up.dims()
+        );
+    }
+    gate.contiguous()?
+        .apply_op2(&up.contiguous()?, Binary(SwiGlu))
+}
+
+struct SwiGlu;
+
+/// Elements per parallel chunk of the elementwise kernels.
+const ELEMENTS_PER_CHUNK: usize = 1 << 14;
+
+fn sigmoid<T: Real>(x: T) -> T {
+    (T::one() + (-x).exp()).recip()
+}
+
+impl BinaryKernel for SwiGlu {
+    const NAME: &'static str = "fused-swiglu";
+
+    fn forward<T: Real>(&self, gate: &[T], up: &[T]) -> Vec<T> {
+        let mut out = vec![T::zero(); gate.len()];
+        out.par_chunks_mut(ELEMENTS_PER_CHUNK)
+            .zip(gate.par_chunks(ELEMENTS_PER_CHUNK))
+            .zip(up.par_chunks(ELEMENTS_PER_CHUNK))
+            .for_each(|((out, gate), up)| {
+                for ((y, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+                    *y = g * sigmoid(g) * u;
+                }
+            });
+        out
+    }
+
+    fn backward<T: Real>(&self, gate: &[T], up: &[T], grad: &[T]) -> (Vec<T>, Vec<T>) {
+        let mut dgate = vec![T::zero(); gate.len()];
+        let mut dup = vec![T::zero(); gate.len()];
+        dgate
+            .par_chunks_mut(ELEMENTS_PER_CHUNK)
+            .zip(dup.par_chunks_mut(ELEMENTS_PER_CHUNK))
+            .zip(gate.par_chunks(ELEMENTS_PER_CHUNK))
+            .zip(
+                up.par_chunks(ELEMENTS_PER_CHUNK)
+                    .zip(grad.par_chunks(ELEMENTS_PER_CHUNK)),
+            )
+            .for_each(|(((dgate, dup), gate), (up, grad))| {
+                for i in 0..gate.len() {
+                    let (x, s) = (gate[i], sigmoid(gate[i]));
+                    // silu'(x) = s + x·s·(1 − s).
+                    dgate[i] = grad[i] * up[i] * (s + x * s * (T::one() - s));
+                    dup[i] = grad[i] * x * s;
+                }
+            });
+        (dgate, dup)
+    }
+}
+
+/// Rotary embeddings for x (b, h, t, hd) with cos and sin broadcastable to (b, 1, t, hd/2), as
+/// [`crate::ops::apply_rope`]: (x1, x2) → (x1·c − x2·s, x1·s + x2·c) on the two halves of the head
+/// dimension. The tables are constants: gradients flow to x only.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (b, _, t, hd) = x.dims4()?;
+    if hd % 2 != 0 {
+        bail!("rope: head dimension {hd} of x {:?} is odd", x.dims());
+    }
+    let table = |tab: &Tensor| tab.broadcast_as((b, 1, t, hd / 2));
+    let tables = Tensor::stack(&[table(cos)?, table(sin)?], 0)?
+        .to_dtype(x.dtype())?
+        .contiguous()?;
+    x.contiguous()?.apply_op1(Rope {
+        tables,
+        dims: x.dims4()?,
+    })
+}
+
+struct Rope {
+    /// (2, b, 1, t, hd/2): cos then sin.
+    tables: Tensor,
+    dims: (usize, usize, usize, usize),
+}
+
+impl Rope {
+    /// Rotates every head row of `x` by the tables (`sign` −1 for the inverse rotation, the backward).
+    fn rotate<T: Real>(&self, x: &[T], tables: &[T], sign: T) -> Vec<T> {
+        let (b, h, t, hd) = self.dims;
+        let half = hd / 2;
+        let (cos, sin) = tables.split_at(b * t * half);
+        let mut out = vec![T::zero(); x.len()];
+        out.par_chunks_mut(hd * t)
+            .zip(x.par_chunks(hd * t))
+            .enumerate()
+            .for_each(|(bh, (out, x))| {
+                let s = bh / h;
+                for ti in 0..t {
+                    let table = (s * t + ti) * half;
+                    let (c, sn) = (&cos[table..table + half], &sin[table..table + half]);
+                    let (x1, x2) = x[ti * hd..(ti + 1) * hd].split_at(half);
+                    let (y1, y2) = out[ti * hd..(ti + 1) * hd].split_at_mut(half);
+                    for i in 0..half {
+                        let si = sign * sn[i];
+                        y1[i] = x1[i] * c[i] - x2[i] * si;
+                        y2[i] = x1[i] * si + x2[i] * c[i];
+                    }
+                }
+            });
+        out
+    }
+}
+
+impl candle_core::CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "fused-rope"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> Result<(CpuStorage, Shape)> {
+        let out = match s1 {
+            CpuStorage::F32(_) => {
+                let x = contiguous_slice::<f32>(s1, l1, "x")?;
+                CpuStorage::F32(with_slice(&self.tables, |t| Ok(self.rotate(x, t, 1.0)))?)
+            }
+            CpuStorage::F64(_) => {
+                let x = contiguous_slice::<f64>(s1, l1, "x")?;
+                CpuStorage::F64(with_slice(&self.tables, |t| Ok(self.rotate(x, t, 1.0)))?)
+            }
+            _ => bail!("fused rope supports f32 and f64"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        // The rotation is orthogonal: its gradient is the inverse rotation of the output's gradient.
+        let grad = grad.contiguous()?;
+        let dx = match x.dtype() {
+            DType::F32 => with_slice::<f32, _>(&grad, |g| {
+                with_slice(&self.tables, |t| Ok(self.rotate(g, t, -1.0)))
+            })?,
+            DType::F64 => {
+                let dx = with_slice::<f64, _>(&grad, |g| {
+                    with_slice(&self.tables, |t| Ok(self.rotate(g, t, -1.0)))
+                })?;
+                return Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?));
+            }
+            dtype => bail!("fused rope supports f32 and f64, not {dtype:?}"),
+        };
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
