@@ -74,8 +74,8 @@ set_threads_args() {
     fi
 }
 
-# compare_reports TOKENFOLD_JSON PYTORCH_JSON OUT_JSON <<'EOF' ... EOF: runs the Python program on stdin
-# with those three arguments and bench/reference/common.py importable. Ratio arithmetic in Python (the venv
+# compare_reports TOKENFOLD_JSON PYTORCH_JSON [more pairs, one per round] OUT_JSON <<'EOF' ... EOF: runs the
+# Python program on stdin with those arguments and bench/reference/common.py importable. Ratio arithmetic in Python (the venv
 # is there anyway); bash has no floating point.
 compare_reports() {
     PYTHONPATH="$root/bench/reference${PYTHONPATH:+:$PYTHONPATH}" "$python" - "$@"
