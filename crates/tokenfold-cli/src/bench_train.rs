@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
 use serde_json::{Value, json};
-use tokenfold_data::{Batch, DataPaths, Loader, StreamConfig, TextTokenizer};
+use tokenfold_data::{Batch, DataPaths, Loader, TextTokenizer};
 use tokenfold_model::optim::{AdamW, clip_grad_norm, named_grads};
 use tokenfold_model::train::{RunConfig, default_device, sorted_vars};
 use tokenfold_model::{ModelConfig, NativeModel};
@@ -215,14 +215,7 @@ fn draw_batches(
     tokenizer: TextTokenizer,
     n: usize,
 ) -> Result<Vec<Batch>> {
-    let stream = StreamConfig {
-        seed: config.train.seed,
-        batch_size: config.train.batch_size,
-        mixture: config.mixture()?,
-        stages: config.stages()?,
-        seq: config.sequence.clone(),
-    };
-    let mut loader = Loader::spawn(assets, Arc::new(tokenizer), stream, 0, 1, 4)?;
+    let mut loader = Loader::spawn(assets, Arc::new(tokenizer), config.stream()?, 0, 1, 4)?;
     (0..n)
         .map(|_| loader.next_batch().map_err(anyhow::Error::from))
         .collect()

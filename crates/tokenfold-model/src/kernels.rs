@@ -32,10 +32,13 @@ pub fn fused_enabled() -> bool {
     *ENABLED.get_or_init(|| std::env::var("TOKENFOLD_PLAIN_OPS").map_or(true, |v| v == "0"))
 }
 
-/// Whether [`attention`] can run these inputs: CPU tensors of f32 or f64, and a bias that needs no
+/// Whether [`attention`] should run these inputs: fused kernels enabled, CPU tensors of f32 or f64, and a bias that needs no
 /// gradient (the search's soft masks do; they take the plain path).
 pub fn attention_supported(q: &Tensor, bias: &Tensor) -> bool {
-    q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F64) && !bias.track_op()
+    fused_enabled()
+        && q.device().is_cpu()
+        && matches!(q.dtype(), DType::F32 | DType::F64)
+        && !bias.track_op()
 }
 
 /// softmax(q·kᵀ·scale + bias)·v for q (b, h, tq, d), k and v (b, h, tk, d) and bias (b, 1 or h, tq, tk)
@@ -302,6 +305,23 @@ fn matmul<T: Real>(
     }
 }
 
+/// c (rows × d) = alpha · a·b for a (rows × n) and b (n × d), all row-major: attention's p·v and ds·k.
+fn product<T: Real>(c: &mut [T], (rows, n, d): (usize, usize, usize), a: &[T], b: &[T], alpha: T) {
+    matmul((rows, d, n), c, d, false, a, (n, 1), b, (d, 1), alpha);
+}
+
+/// c (n × d) += alpha · aᵀ·b for a (rows × n) and b (rows × d), all row-major: the key and value
+/// gradients dsᵀ·q and pᵀ·go.
+fn add_transposed_product<T: Real>(
+    c: &mut [T],
+    (rows, n, d): (usize, usize, usize),
+    a: &[T],
+    b: &[T],
+    alpha: T,
+) {
+    matmul((n, d, rows), c, d, true, a, (1, n), b, (d, 1), alpha);
+}
+
 /// p (rows × n) = q·kᵀ·scale for `rows` query rows and `n` key rows of width d.
 fn scaled_scores<T: Real>(
     p: &mut [T],
@@ -360,17 +380,7 @@ fn forward<T: Real>(
                     lse[r0 + r] = (WithDType::to_f64(max), WithDType::to_f64(sum));
                 }
                 // out = p·v.
-                matmul(
-                    (rows, d, n),
-                    &mut out[r0 * d..],
-                    d,
-                    false,
-                    p,
-                    (n, 1),
-                    &v[lo * d..],
-                    (d, 1),
-                    T::one(),
-                );
+                product(&mut out[r0 * d..], (rows, n, d), p, &v[lo * d..], T::one());
             }
         });
     (out, lse)
@@ -452,39 +462,10 @@ fn backward<T: Real>(
                     }
                 }
                 // dq = ds·k·scale; dk += dsᵀ·q·scale; dv += pᵀ·go.
-                matmul(
-                    (rows, d, n),
-                    &mut dq[r0 * d..],
-                    d,
-                    false,
-                    dp,
-                    (n, 1),
-                    &k[lo * d..],
-                    (d, 1),
-                    scale_t,
-                );
-                matmul(
-                    (n, d, rows),
-                    &mut dk[lo * d..],
-                    d,
-                    true,
-                    dp,
-                    (1, n),
-                    &q[r0 * d..],
-                    (d, 1),
-                    scale_t,
-                );
-                matmul(
-                    (n, d, rows),
-                    &mut dv[lo * d..],
-                    d,
-                    true,
-                    p,
-                    (1, n),
-                    &go[r0 * d..],
-                    (d, 1),
-                    T::one(),
-                );
+                let shape = (rows, n, d);
+                product(&mut dq[r0 * d..], shape, dp, &k[lo * d..], scale_t);
+                add_transposed_product(&mut dk[lo * d..], shape, dp, &q[r0 * d..], scale_t);
+                add_transposed_product(&mut dv[lo * d..], shape, p, &go[r0 * d..], T::one());
             }
         });
     (dq, dk, dv)
@@ -710,28 +691,37 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if hd % 2 != 0 {
         bail!("rope: head dimension {hd} of x {:?} is odd", x.dims());
     }
-    let table = |tab: &Tensor| tab.broadcast_as((b, 1, t, hd / 2));
-    let tables = Tensor::stack(&[table(cos)?, table(sin)?], 0)?
-        .to_dtype(x.dtype())?
-        .contiguous()?;
+    // Contiguous already in the model (gathered per position), so this copies nothing there.
+    let table = |tab: &Tensor| {
+        tab.broadcast_as((b, 1, t, hd / 2))?
+            .to_dtype(x.dtype())?
+            .contiguous()
+    };
     x.contiguous()?.apply_op1(Rope {
-        tables,
+        cos: table(cos)?,
+        sin: table(sin)?,
         dims: x.dims4()?,
     })
 }
 
 struct Rope {
-    /// (2, b, 1, t, hd/2): cos then sin.
-    tables: Tensor,
+    /// (b, 1, t, hd/2) each, contiguous.
+    cos: Tensor,
+    sin: Tensor,
     dims: (usize, usize, usize, usize),
 }
 
 impl Rope {
     /// Rotates every head row of `x` by the tables (`sign` −1 for the inverse rotation, the backward).
-    fn rotate<T: Real>(&self, x: &[T], tables: &[T], sign: T) -> Vec<T> {
-        let (b, h, t, hd) = self.dims;
+    fn rotate<T: Real>(&self, x: &[T], sign: T) -> Result<Vec<T>> {
+        with_slice::<T, _>(&self.cos, |cos| {
+            with_slice::<T, _>(&self.sin, |sin| Ok(self.rotate_with(x, cos, sin, sign)))
+        })
+    }
+
+    fn rotate_with<T: Real>(&self, x: &[T], cos: &[T], sin: &[T], sign: T) -> Vec<T> {
+        let (_, h, t, hd) = self.dims;
         let half = hd / 2;
-        let (cos, sin) = tables.split_at(b * t * half);
         let mut out = vec![T::zero(); x.len()];
         out.par_chunks_mut(hd * t)
             .zip(x.par_chunks(hd * t))
@@ -762,12 +752,10 @@ impl candle_core::CustomOp1 for Rope {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> Result<(CpuStorage, Shape)> {
         let out = match s1 {
             CpuStorage::F32(_) => {
-                let x = contiguous_slice::<f32>(s1, l1, "x")?;
-                CpuStorage::F32(with_slice(&self.tables, |t| Ok(self.rotate(x, t, 1.0)))?)
+                CpuStorage::F32(self.rotate(contiguous_slice::<f32>(s1, l1, "x")?, 1.0)?)
             }
             CpuStorage::F64(_) => {
-                let x = contiguous_slice::<f64>(s1, l1, "x")?;
-                CpuStorage::F64(with_slice(&self.tables, |t| Ok(self.rotate(x, t, 1.0)))?)
+                CpuStorage::F64(self.rotate(contiguous_slice::<f64>(s1, l1, "x")?, 1.0)?)
             }
             _ => bail!("fused rope supports f32 and f64"),
         };
@@ -777,18 +765,20 @@ impl candle_core::CustomOp1 for Rope {
     fn bwd(&self, x: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         // The rotation is orthogonal: its gradient is the inverse rotation of the output's gradient.
         let grad = grad.contiguous()?;
+        let (shape, device) = (x.shape(), x.device());
         let dx = match x.dtype() {
-            DType::F32 => with_slice::<f32, _>(&grad, |g| {
-                with_slice(&self.tables, |t| Ok(self.rotate(g, t, -1.0)))
-            })?,
-            DType::F64 => {
-                let dx = with_slice::<f64, _>(&grad, |g| {
-                    with_slice(&self.tables, |t| Ok(self.rotate(g, t, -1.0)))
-                })?;
-                return Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?));
-            }
+            DType::F32 => Tensor::from_vec(
+                with_slice::<f32, _>(&grad, |g| self.rotate(g, -1.0))?,
+                shape,
+                device,
+            )?,
+            DType::F64 => Tensor::from_vec(
+                with_slice::<f64, _>(&grad, |g| self.rotate(g, -1.0))?,
+                shape,
+                device,
+            )?,
             dtype => bail!("fused rope supports f32 and f64, not {dtype:?}"),
         };
-        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+        Ok(Some(dx))
     }
 }

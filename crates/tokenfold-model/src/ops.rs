@@ -105,7 +105,7 @@ pub fn apply_rope_plain(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor
 /// gradient or `TOKENFOLD_PLAIN_OPS` is set; [`attention_plain`] is the reference it is tested against.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
-    if crate::kernels::fused_enabled() && crate::kernels::attention_supported(q, bias) {
+    if crate::kernels::attention_supported(q, bias) {
         return crate::kernels::attention(q, k, v, bias, scale);
     }
     attention_plain(q, k, v, bias)

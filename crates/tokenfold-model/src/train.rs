@@ -201,6 +201,17 @@ impl RunConfig {
 
     /// The same run with `steps` optimizer steps: warmup capped at `steps`, curriculum stages scaled
     /// in proportion (each at least one step after the previous).
+    /// The training data stream: seed, batch size, mixture, curriculum stages and sequence format.
+    pub fn stream(&self) -> Result<StreamConfig> {
+        Ok(StreamConfig {
+            seed: self.train.seed,
+            batch_size: self.train.batch_size,
+            mixture: self.mixture()?,
+            stages: self.stages()?,
+            seq: self.sequence.clone(),
+        })
+    }
+
     pub fn with_steps(&self, steps: u64) -> RunConfig {
         let mut config = self.clone();
         let old = self.train.steps.max(1);
@@ -644,13 +655,7 @@ pub fn train(
     }
 
     let tokenizer = Arc::new(tokenizer);
-    let stream = StreamConfig {
-        seed: t.seed,
-        batch_size: t.batch_size,
-        mixture: config.mixture()?,
-        stages: config.stages()?,
-        seq: config.sequence.clone(),
-    };
+    let stream = config.stream()?;
     let mut loader = Loader::spawn(
         assets.clone(),
         tokenizer.clone(),
