@@ -91,14 +91,48 @@ where
         ctx.draw_series(s.points.iter().map(|&p| Circle::new(p, 4, colour.filled())))
             .map_err(style)?;
     }
+    let corner = quietest_corner(
+        chart.series.iter().flat_map(|s| s.points.iter().copied()),
+        ((x0 - pad_x, x1 + pad_x), (y0, y1)),
+        chart.series.len(),
+    );
     ctx.configure_series_labels()
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
+        .position(corner)
         .draw()
         .map_err(style)?;
     root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
+}
+
+/// The corner whose legend box would cover the fewest points. The box is estimated as 40% of the
+/// width and one line (6% of the height) per series; ties go to the lower right, then the upper right.
+fn quietest_corner(
+    points: impl Iterator<Item = (f64, f64)>,
+    ((x0, x1), (y0, y1)): ((f64, f64), (f64, f64)),
+    series: usize,
+) -> SeriesLabelPosition {
+    let (w, h) = (0.4, (0.06 * series as f64 + 0.04).min(0.9));
+    let mut counts = [0usize; 4];
+    for (x, y) in points {
+        let (fx, fy) = ((x - x0) / (x1 - x0), (y - y0) / (y1 - y0));
+        let (right, left, top, bottom) = (fx >= 1.0 - w, fx <= w, fy >= 1.0 - h, fy <= h);
+        for (i, covered) in [right && bottom, right && top, left && bottom, left && top]
+            .into_iter()
+            .enumerate()
+        {
+            counts[i] += covered as usize;
+        }
+    }
+    let best = (0..4).min_by_key(|&i| (counts[i], i)).unwrap_or(0);
+    [
+        SeriesLabelPosition::LowerRight,
+        SeriesLabelPosition::UpperRight,
+        SeriesLabelPosition::LowerLeft,
+        SeriesLabelPosition::UpperLeft,
+    ][best]
+        .clone()
 }
 
 fn register_font() -> Result<()> {
@@ -161,4 +195,29 @@ pub fn save(chart: &Chart, stem: &Path) -> Result<(PathBuf, PathBuf)> {
         .with_context(|| format!("cannot write {}", png.display()))?;
     std::fs::rename(&png_tmp, &png).with_context(|| format!("cannot write {}", png.display()))?;
     Ok((svg, png))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn corner(points: &[(f64, f64)]) -> String {
+        format!(
+            "{:?}",
+            quietest_corner(points.iter().copied(), ((0.0, 10.0), (0.0, 10.0)), 4)
+        )
+    }
+
+    #[test]
+    fn the_legend_goes_where_the_points_are_not() {
+        // Loss falling with compute fills the lower right and upper left; the upper right is free.
+        let falling: Vec<(f64, f64)> = (0..=10).map(|i| (i as f64, 10.0 - i as f64)).collect();
+        assert_eq!(corner(&falling), "UpperRight");
+        // Rising accuracy leaves the lower right free, the default.
+        let rising: Vec<(f64, f64)> = (0..=10).map(|i| (i as f64, i as f64)).collect();
+        assert_eq!(corner(&rising), "LowerRight");
+        let mut busy_right = rising.clone();
+        busy_right.extend([(9.5, 0.5), (9.0, 9.5), (9.5, 1.0)]);
+        assert_eq!(corner(&busy_right), "UpperLeft");
+    }
 }

@@ -789,7 +789,9 @@ pub fn run_sweep(command: SweepCommand, paths: &tokenfold_data::DataPaths) -> Re
             let out = out.unwrap_or_else(|| default_out(&grid));
             let recorded = sweep::recorded_runs(&out)?;
             let planned = grid.expand()?;
-            println!("| run | d_model | layers | steps | status |\n|---|---:|---:|---:|---|");
+            println!(
+                "| run | d_model | layers | steps | peak lr | status |\n|---|---:|---:|---:|---:|---|"
+            );
             for run in planned {
                 let status = if recorded.contains(&run.name) {
                     "recorded"
@@ -797,8 +799,12 @@ pub fn run_sweep(command: SweepCommand, paths: &tokenfold_data::DataPaths) -> Re
                     "to do"
                 };
                 println!(
-                    "| {} | {} | {} | {} | {status} |",
-                    run.name, run.width.d_model, run.width.n_layers, run.config.train.steps
+                    "| {} | {} | {} | {} | {} | {status} |",
+                    run.name,
+                    run.width.d_model,
+                    run.width.n_layers,
+                    run.config.train.steps,
+                    run.config.train.lr
                 );
             }
             Ok(())

@@ -178,6 +178,7 @@ impl ModelConfig {
         if let Some(vision) = &self.vision {
             vision
                 .validate()
+                .and_then(|()| vision.validate_with(self))
                 .or_else(|message| fail("vision", message))?;
         }
         Ok(())

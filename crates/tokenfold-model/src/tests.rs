@@ -1225,6 +1225,10 @@ fn modality_routing_keeps_image_and_text_experts_apart() {
 // ---------------------------------------------------------------- late fusion
 
 fn late_config() -> ModelConfig {
+    late_config_unshuffled(1)
+}
+
+fn late_config_unshuffled(unshuffle: usize) -> ModelConfig {
     let mut config = tiny_config();
     config.vision = Some(crate::vision::VisionConfig {
         d_model: 16,
@@ -1232,8 +1236,59 @@ fn late_config() -> ModelConfig {
         n_heads: 2,
         d_ff: 24,
         lr_scale: 0.1,
+        unshuffle,
     });
     config
+}
+
+#[test]
+fn unshuffled_patches_are_the_finer_patches_of_the_same_image() {
+    // A 64 × 64 scene cut into 8-pixel patches, unshuffled by r, must equal the same scene cut into
+    // 8/r-pixel patches, reordered so that each 8-pixel patch's sub-patches are consecutive.
+    let image = samples(Task::Count, 1).remove(0).image.unwrap();
+    for r in [2usize, 4] {
+        let coarse = tiny_seq();
+        let fine = SequenceConfig {
+            patch_size: coarse.patch_size / r as u32,
+            ..coarse.clone()
+        };
+        let to_tensor = |cfg: &SequenceConfig| {
+            let values = tokenfold_data::sequence::patchify(&image, cfg).unwrap();
+            Tensor::from_vec(values, (1, cfg.n_patches(), cfg.patch_dim()), &Device::Cpu).unwrap()
+        };
+        let unshuffled: Vec<Vec<f32>> = crate::vision::unshuffle_patches(&to_tensor(&coarse), r)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let finer: Vec<Vec<f32>> = to_tensor(&fine).squeeze(0).unwrap().to_vec2().unwrap();
+        let (g, fine_grid) = (coarse.grid(), fine.grid());
+        for (i, sub) in unshuffled.iter().enumerate() {
+            let (patch, within) = (i / (r * r), i % (r * r));
+            let row = (patch / g) * r + within / r;
+            let column = (patch % g) * r + within % r;
+            assert_eq!(
+                sub,
+                &finer[row * fine_grid + column],
+                "r {r}, sub-patch {i}"
+            );
+        }
+    }
+    // A factor that does not divide the patch side is refused with the field named.
+    let mut bad = late_config_unshuffled(3);
+    let error = bad.validate().unwrap_err().to_string();
+    assert!(
+        error.contains("vision") && error.contains("unshuffle 3"),
+        "{error}"
+    );
+    bad.vision.as_mut().unwrap().unshuffle = 0;
+    assert!(
+        bad.validate()
+            .unwrap_err()
+            .to_string()
+            .contains("unshuffle")
+    );
 }
 
 #[test]
@@ -1243,7 +1298,12 @@ fn gelu_gradient() {
 
 #[test]
 fn late_fusion_trains_every_weight_and_decodes_with_the_cache() {
-    let config = late_config();
+    for unshuffle in [1, 2] {
+        late_fusion_case(late_config_unshuffled(unshuffle));
+    }
+}
+
+fn late_fusion_case(config: ModelConfig) {
     let vision = config.vision.clone().unwrap();
     assert_eq!(
         config.image_parameter_count(),

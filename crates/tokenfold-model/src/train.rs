@@ -40,7 +40,8 @@ pub struct ModelSection {
     /// `[model.moe]`: mixture-of-experts FFNs (experts, top_k, routing, balance_weight, z_loss_weight).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub moe: Option<crate::moe::MoeConfig>,
-    /// `[model.vision]`: late fusion with a ViT encoder (d_model, n_layers, n_heads, d_ff, lr_scale).
+    /// `[model.vision]`: late fusion with a ViT encoder (d_model, n_layers, n_heads, d_ff, lr_scale,
+    /// unshuffle).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vision: Option<crate::vision::VisionConfig>,
     /// Moved to `sequence.summary_token`; read so that older run directories still load.
@@ -189,6 +190,17 @@ impl RunConfig {
         self.mixture()?;
         self.stages()?;
         self.sequence.validate()?;
+        if let Some(vision) = &self.model.vision {
+            vision
+                .validate()
+                .map_err(|m| ModelError::Config(format!("model.vision: {m}")))?;
+            if self.sequence.patch_size as usize % vision.unshuffle != 0 {
+                return fail(format!(
+                    "model.vision.unshuffle {} does not divide sequence.patch_size {}",
+                    vision.unshuffle, self.sequence.patch_size
+                ));
+            }
+        }
         Ok(())
     }
 

@@ -8,6 +8,15 @@
 //! decoder sees the same image span, positions and mask as in early fusion, and token reduction works
 //! unchanged. A separate learning-rate multiplier (`lr_scale`, default 0.1) applies to the encoder, as
 //! the study found a lower encoder rate helps when it is trained from scratch.
+//!
+//! **Pixel-unshuffle** (`unshuffle = r`, default 1): the encoder sees the image at r× finer patches,
+//! (p/r) × (p/r) pixels, so it runs over r² tokens per decoder image token; the connector then folds
+//! each r × r block of encoder outputs into one decoder token (space-to-depth: their r²·d_v values,
+//! concatenated, are the connector's input). This is how SmolVLM and Idefics3 cut the visual tokens the
+//! language model sees by r² while the encoder keeps its resolution. Here the decoder's image span is
+//! still set by `sequence.patch_size`; `unshuffle` makes the encoder finer than the decoder rather than
+//! the decoder coarser than the encoder, so the sequence format, positions, masks and token reduction
+//! are unchanged.
 
 use candle_core::{Device, Module, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
@@ -27,10 +36,20 @@ pub struct VisionConfig {
     /// Learning-rate multiplier of the encoder's weights (not the connector's).
     #[serde(default = "lr_scale")]
     pub lr_scale: f64,
+    /// Pixel-unshuffle factor r: encoder patches are (p/r)², and r × r of their outputs make one
+    /// decoder token. 1 (the default) is no unshuffle.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub unshuffle: usize,
 }
 
 fn lr_scale() -> f64 {
     0.1
+}
+fn one() -> usize {
+    1
+}
+fn is_one(r: &usize) -> bool {
+    *r == 1
 }
 
 impl VisionConfig {
@@ -42,8 +61,13 @@ impl VisionConfig {
             n_heads: self.n_heads,
             d_ff: self.d_ff,
         };
-        let mut config =
-            ModelConfig::from_shape(shape, 1, decoder.patch_dim, decoder.image_grid, 1);
+        let mut config = ModelConfig::from_shape(
+            shape,
+            1,
+            self.encoder_patch_dim(decoder),
+            self.encoder_grid(decoder),
+            1,
+        );
         config.qk_norm = decoder.qk_norm;
         config.norm_eps = decoder.norm_eps;
         config
@@ -68,7 +92,37 @@ impl VisionConfig {
         if !(self.lr_scale > 0.0 && self.lr_scale.is_finite()) {
             return Err(format!("lr_scale {} must be positive", self.lr_scale));
         }
+        if self.unshuffle == 0 {
+            return Err("unshuffle must be at least 1".into());
+        }
         Ok(())
+    }
+
+    /// Checks that the decoder's patch side p is a multiple of the unshuffle factor.
+    pub fn validate_with(&self, decoder: &ModelConfig) -> std::result::Result<(), String> {
+        let side = patch_side(decoder.patch_dim);
+        if side % self.unshuffle != 0 {
+            return Err(format!(
+                "unshuffle {} does not divide the patch side {side}",
+                self.unshuffle
+            ));
+        }
+        Ok(())
+    }
+
+    /// Values per encoder patch: (p/r)² × 3.
+    pub fn encoder_patch_dim(&self, decoder: &ModelConfig) -> usize {
+        decoder.patch_dim / (self.unshuffle * self.unshuffle)
+    }
+
+    /// Encoder patches per image side: the decoder's grid × r.
+    pub fn encoder_grid(&self, decoder: &ModelConfig) -> usize {
+        decoder.image_grid * self.unshuffle
+    }
+
+    /// Encoder tokens per decoder image token, r².
+    pub fn tokens_per_image_token(&self) -> usize {
+        self.unshuffle * self.unshuffle
     }
 
     /// Encoder parameters: patch projection and bias, positions, `[CLS]`, blocks, final norm.
@@ -77,22 +131,55 @@ impl VisionConfig {
         let head_dim = d / self.n_heads;
         let qk = if decoder.qk_norm { 2 * head_dim } else { 0 };
         let per_layer = 4 * d * d + qk + 3 * d * self.d_ff + 2 * d;
-        let grid = decoder.image_grid;
-        decoder.patch_dim * d + d + grid * grid * d + d + self.n_layers * per_layer + d
+        let grid = self.encoder_grid(decoder);
+        self.encoder_patch_dim(decoder) * d
+            + d
+            + grid * grid * d
+            + d
+            + self.n_layers * per_layer
+            + d
     }
 
-    /// Connector parameters: d_v → d → d with biases.
+    /// Connector parameters: r²·d_v → d → d with biases.
     pub fn connector_parameter_count(&self, decoder: &ModelConfig) -> usize {
-        let (dv, d) = (self.d_model, decoder.d_model);
+        let (dv, d) = (
+            self.d_model * self.tokens_per_image_token(),
+            decoder.d_model,
+        );
         dv * d + d + d * d + d
     }
+}
+
+/// Side p of a square RGB patch of `patch_dim` = p² × 3 values.
+fn patch_side(patch_dim: usize) -> usize {
+    ((patch_dim / 3) as f64).sqrt().round() as usize
+}
+
+/// Cuts every p × p patch of (b, n, p·p·3) values, laid out (row, column, channel), into its r × r
+/// sub-patches of (p/r)² × 3 values in the same layout: (b, n·r², (p/r)²·3), the r² sub-patches of a
+/// patch consecutive and in raster order, so that r² consecutive encoder outputs belong to one decoder
+/// token.
+pub fn unshuffle_patches(patches: &Tensor, r: usize) -> candle_core::Result<Tensor> {
+    if r == 1 {
+        return Ok(patches.clone());
+    }
+    let (b, n, patch_dim) = patches.dims3()?;
+    let s = patch_side(patch_dim) / r;
+    // A patch's values index as (ry, sy, rx, sx, c); sub-patches want (ry, rx) outside (sy, sx, c).
+    patches
+        .reshape((b * n, r, s, r, s * 3))?
+        .permute((0, 1, 3, 2, 4))?
+        .contiguous()?
+        .reshape((b, n * r * r, s * s * 3))
 }
 
 pub(crate) struct VisionEncoder {
     patch_embed: Linear,
     patch_bias: Tensor,
-    /// (grid², d_v).
+    /// ((grid·r)², d_v).
     positions: Tensor,
+    /// Pixel-unshuffle factor r.
+    unshuffle: usize,
     /// (1, d_v).
     cls: Tensor,
     blocks: Vec<crate::model::Block>,
@@ -124,20 +211,29 @@ impl VisionEncoder {
         let block_config = vision.block_config(decoder);
         let v = vb.pp("vision");
         let c = vb.pp("connector");
-        let grid = decoder.image_grid;
+        let grid = vision.encoder_grid(decoder);
         Ok(VisionEncoder {
             patch_embed: Linear::new(
-                randn(&v, (dv, decoder.patch_dim), "patch_embed.weight", 0.02)?,
+                randn(&v, (dv, block_config.patch_dim), "patch_embed.weight", 0.02)?,
                 None,
             ),
             patch_bias: v.get_with_hints(dv, "patch_embed.bias", Init::Const(0.0))?,
             positions: randn(&v, (grid * grid, dv), "positions", 0.02)?,
+            unshuffle: vision.unshuffle,
             cls: randn(&v, (1, dv), "cls", 0.02)?,
             blocks: (0..vision.n_layers)
                 .map(|i| crate::model::Block::new(&block_config, v.pp("layers").pp(i)))
                 .collect::<candle_core::Result<_>>()?,
             norm: v.get_with_hints(dv, "norm.weight", Init::Const(1.0))?,
-            connector_in: Linear::new(randn(&c, (d, dv), "fc1.weight", 0.02)?, None),
+            connector_in: Linear::new(
+                randn(
+                    &c,
+                    (d, dv * vision.tokens_per_image_token()),
+                    "fc1.weight",
+                    0.02,
+                )?,
+                None,
+            ),
             connector_in_bias: c.get_with_hints(d, "fc1.bias", Init::Const(0.0))?,
             connector_out: Linear::new(randn(&c, (d, d), "fc2.weight", 0.02)?, None),
             connector_out_bias: c.get_with_hints(d, "fc2.bias", Init::Const(0.0))?,
@@ -147,11 +243,13 @@ impl VisionEncoder {
 
     /// Patches (b, n, patch_dim) → decoder-width image tokens (b, n, d).
     pub(crate) fn forward(&self, patches: &Tensor, device: &Device) -> candle_core::Result<Tensor> {
-        let (b, n, _) = patches.dims3()?;
+        let (b, n_out, _) = patches.dims3()?;
+        let r2 = self.unshuffle * self.unshuffle;
+        let n = n_out * r2;
         let dv = self.block_config.d_model;
         let x = self
             .patch_embed
-            .forward(patches)?
+            .forward(&unshuffle_patches(patches, self.unshuffle)?)?
             .broadcast_add(&self.patch_bias)?
             .broadcast_add(&self.positions)?;
         let cls = self.cls.unsqueeze(0)?.broadcast_as((b, 1, dv))?;
@@ -178,7 +276,11 @@ impl VisionEncoder {
                 )?
                 .hidden;
         }
-        let patches_out = rms_norm(&x, &self.norm, self.block_config.norm_eps)?.narrow(1, 1, n)?;
+        // Space-to-depth: the r² outputs of one decoder patch are consecutive, so a reshape
+        // concatenates them.
+        let patches_out = rms_norm(&x, &self.norm, self.block_config.norm_eps)?
+            .narrow(1, 1, n)?
+            .reshape((b, n_out, r2 * dv))?;
         let hidden = self
             .connector_in
             .forward(&patches_out)?

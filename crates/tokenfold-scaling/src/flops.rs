@@ -148,11 +148,14 @@ pub fn forward(config: &ModelConfig, work: &Workload) -> ForwardFlops {
     let (patch_projection, encoder) = match &config.vision {
         None => (2.0 * work.image_tokens * config.patch_dim as f64 * d, 0.0),
         Some(v) => {
-            // Every image runs the encoder over its grid² patches plus [CLS], bidirectionally.
+            // Every image runs the encoder over its (grid·r)² patches plus [CLS], bidirectionally;
+            // the connector folds r² encoder outputs into each decoder image token.
             let per_image = (config.image_grid * config.image_grid) as f64;
             let images = work.image_tokens / per_image;
-            let tokens = images * (per_image + 1.0);
-            let pairs = images * (per_image + 1.0).powi(2);
+            let r2 = v.tokens_per_image_token() as f64;
+            let encoder_tokens = per_image * r2 + 1.0;
+            let tokens = images * encoder_tokens;
+            let pairs = images * encoder_tokens.powi(2);
             let (dv, layers_v) = (v.d_model as f64, v.n_layers as f64);
             let blocks = layers_v
                 * (2.0 * 4.0 * tokens * dv * dv
@@ -160,7 +163,7 @@ pub fn forward(config: &ModelConfig, work: &Workload) -> ForwardFlops {
                     + 3.0 * v.n_heads as f64 * pairs
                     + 2.0 * 3.0 * tokens * dv * v.d_ff as f64);
             let patches = 2.0 * work.image_tokens * config.patch_dim as f64 * dv;
-            let connector = 2.0 * work.image_tokens * (dv * d + d * d);
+            let connector = 2.0 * work.image_tokens * (r2 * dv * d + d * d);
             (0.0, blocks + patches + connector)
         }
     };

@@ -55,6 +55,10 @@ pub struct Width {
     pub n_layers: usize,
     pub n_heads: usize,
     pub d_ff: usize,
+    /// Peak learning rate of this shape; the base configuration's when absent. The study tuned one per
+    /// model size (its Table 6: lower for wider models).
+    #[serde(default)]
+    pub lr: Option<f64>,
 }
 
 /// One data mixture of the grid: task weights, or the base configuration's when empty.
@@ -88,6 +92,9 @@ pub struct Grid {
     /// Learning-rate multiplier of the late-fusion encoder.
     #[serde(default = "encoder_lr_scale")]
     pub encoder_lr_scale: f64,
+    /// Pixel-unshuffle factor of the late-fusion connector (1: none).
+    #[serde(default = "one")]
+    pub encoder_unshuffle: usize,
 }
 
 fn encoder_lr_scale() -> f64 {
@@ -149,7 +156,7 @@ pub const ARCHITECTURES: [&str; 4] = ["early", "late", "moe", "moe-modality"];
 
 /// The late-fusion encoder of a decoder shape, scaled as in the study's Table 6: half the width (heads
 /// of the decoder's head size where they divide it), the same depth, half the MLP width.
-pub fn encoder_for(width: &Width, lr_scale: f64) -> VisionConfig {
+pub fn encoder_for(width: &Width, lr_scale: f64, unshuffle: usize) -> VisionConfig {
     let d_model = (width.d_model / 2).max(2);
     let head = width.d_model / width.n_heads;
     let n_heads = if d_model % head == 0 {
@@ -163,6 +170,7 @@ pub fn encoder_for(width: &Width, lr_scale: f64) -> VisionConfig {
         n_heads,
         d_ff: (width.d_ff / 2).max(1),
         lr_scale,
+        unshuffle,
     }
 }
 
@@ -210,6 +218,17 @@ impl Grid {
                 "width, steps and mixture each need at least one entry".into()
             ));
         }
+        if let Some(w) = self
+            .width
+            .iter()
+            .find(|w| w.lr.is_some_and(|lr| !(lr > 0.0 && lr.is_finite())))
+        {
+            return Err(bad(format!(
+                "width `{}`: lr {} must be positive",
+                w.name,
+                w.lr.unwrap_or_default()
+            )));
+        }
         if let Some(s) = self.steps.iter().find(|s| **s == 0) {
             return Err(bad(format!("steps: {s} is not a training budget")));
         }
@@ -243,8 +262,12 @@ impl Grid {
                         config.model.n_layers = Some(width.n_layers);
                         config.model.n_heads = Some(width.n_heads);
                         config.model.d_ff = Some(width.d_ff);
-                        config.model.vision = (architecture == "late")
-                            .then(|| encoder_for(width, self.encoder_lr_scale));
+                        if let Some(lr) = width.lr {
+                            config.train.lr = lr;
+                        }
+                        config.model.vision = (architecture == "late").then(|| {
+                            encoder_for(width, self.encoder_lr_scale, self.encoder_unshuffle)
+                        });
                         config.model.moe = match architecture.as_str() {
                             "early" | "late" => None,
                             _ => Some(MoeConfig {
@@ -470,8 +493,14 @@ pub fn run_one(
     let params = model_config.non_embedding_parameter_count() as f64 - vision.unwrap_or(0.0);
     let active = model_config.non_embedding_active_parameter_count() as f64 - vision.unwrap_or(0.0);
     let tokens = (counts.image_tokens + counts.text_tokens) as f64;
+    // With pixel-unshuffle the encoder runs over r² tokens per decoder image token.
+    let encoder_tokens = counts.image_tokens as f64
+        * model_config
+            .vision
+            .as_ref()
+            .map_or(1.0, |v| v.tokens_per_image_token() as f64);
     let flops = match vision {
-        Some(nv) => flops::late_fusion(nv, counts.image_tokens as f64, params, tokens),
+        Some(nv) => flops::late_fusion(nv, encoder_tokens, params, tokens),
         // 6·N_active·D, which is 6ND for dense runs.
         None => flops::mixture_of_experts(active, tokens),
     };

@@ -379,8 +379,9 @@ fn late_fusion_flops_count_the_encoder_on_image_tokens_only() {
         n_layers: 4,
         n_heads: 4,
         d_ff: 352,
+        lr: None,
     };
-    let vision = crate::sweep::encoder_for(&width, 0.1);
+    let vision = crate::sweep::encoder_for(&width, 0.1, 1);
     assert_eq!(
         (vision.d_model, vision.n_layers, vision.n_heads, vision.d_ff),
         (64, 4, 2, 176)
@@ -408,4 +409,67 @@ fn late_fusion_flops_count_the_encoder_on_image_tokens_only() {
     assert!(flops(&late, &image).encoder > 0.0);
     // Text-only sequences cost the same in both: the encoder never runs.
     assert_eq!(flops(&late, &text).total(), flops(&early, &text).total());
+
+    // Pixel-unshuffle by 2: the encoder runs over 4 × 64 patches of a quarter of the values, plus
+    // [CLS], and the connector reads 4·d_v values per decoder image token; the decoder is unchanged.
+    let unshuffled = tokenfold_model::ModelConfig {
+        vision: Some(crate::sweep::encoder_for(&width, 0.1, 2)),
+        ..early.clone()
+    };
+    unshuffled.validate().unwrap();
+    let (dv, ff, d) = (64.0, 176.0, 128.0);
+    let tokens = 4.0 * 64.0 + 1.0;
+    let blocks = 4.0
+        * (2.0 * (4.0 * dv * dv + 3.0 * dv * ff) * tokens
+            + 2.0 * 2.0 * tokens * tokens * dv
+            + 3.0 * 2.0 * tokens * tokens);
+    let patches = 2.0 * (4.0 * 64.0) * (192.0 / 4.0) * dv;
+    let connector = 2.0 * 64.0 * (4.0 * dv * d + d * d);
+    let counted = flops(&unshuffled, &image);
+    assert!(relative(counted.encoder, blocks + patches + connector) < 1e-12);
+    assert_eq!(
+        counted.total() - counted.encoder,
+        flops(&late, &image).total() - flops(&late, &image).encoder
+    );
+}
+
+#[test]
+fn grid_widths_set_their_learning_rate_and_the_encoder_its_unshuffle() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/nmm-xs.toml");
+    let grid_text = |lr: &str| {
+        format!(
+            "name = \"g\"\nbase = {base:?}\narchitectures = [\"early\", \"late\"]\nsteps = [10]\n\
+             encoder_unshuffle = 2\n\
+             [[width]]\nname = \"a\"\nd_model = 32\nn_layers = 2\nn_heads = 2\nd_ff = 64\n{lr}\n\
+             [[width]]\nname = \"b\"\nd_model = 32\nn_layers = 2\nn_heads = 2\nd_ff = 64\n"
+        )
+    };
+    let path = dir.path().join("grid.toml");
+    std::fs::write(&path, grid_text("lr = 5e-3")).unwrap();
+    let grid = crate::sweep::Grid::load(&path).unwrap();
+    let base_lr = tokenfold_model::train::RunConfig::load(&base)
+        .unwrap()
+        .train
+        .lr;
+    let runs = grid.expand().unwrap();
+    let lrs: Vec<(String, f64)> = runs
+        .iter()
+        .map(|r| (r.name.clone(), r.config.train.lr))
+        .collect();
+    assert_eq!(lrs.len(), 4);
+    assert!(lrs[..2].iter().all(|(_, lr)| *lr == 5e-3), "{lrs:?}");
+    assert!(lrs[2..].iter().all(|(_, lr)| *lr == base_lr), "{lrs:?}");
+    let unshuffles: Vec<Option<usize>> = runs
+        .iter()
+        .map(|r| r.config.model.vision.as_ref().map(|v| v.unshuffle))
+        .collect();
+    assert_eq!(unshuffles, [None, Some(2), None, Some(2)]);
+
+    std::fs::write(&path, grid_text("lr = -1.0")).unwrap();
+    let error = crate::sweep::Grid::load(&path).unwrap_err().to_string();
+    assert!(
+        error.contains("width `a`: lr -1 must be positive"),
+        "{error}"
+    );
 }
