@@ -73,9 +73,13 @@ where
         .y_label_area_size(56);
     let style = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow::anyhow!("{e}");
     let pad_x = ((x1 - x0) * 0.05).max(1e-3);
-    let mut ctx = builder
-        .build_cartesian_2d((x0 - pad_x)..(x1 + pad_x), y0..y1)
-        .map_err(style)?;
+    let (x0, x1) = (x0 - pad_x, x1 + pad_x);
+    let (corner, x1) = legend_placement(
+        chart.series.iter().flat_map(|s| s.points.iter().copied()),
+        ((x0, x1), (y0, y1)),
+        chart.series.len(),
+    );
+    let mut ctx = builder.build_cartesian_2d(x0..x1, y0..y1).map_err(style)?;
     ctx.configure_mesh()
         .x_desc(chart.x_label)
         .y_desc(chart.y_label)
@@ -91,11 +95,6 @@ where
         ctx.draw_series(s.points.iter().map(|&p| Circle::new(p, 4, colour.filled())))
             .map_err(style)?;
     }
-    let corner = quietest_corner(
-        chart.series.iter().flat_map(|s| s.points.iter().copied()),
-        ((x0 - pad_x, x1 + pad_x), (y0, y1)),
-        chart.series.len(),
-    );
     ctx.configure_series_labels()
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
@@ -106,14 +105,22 @@ where
     Ok(())
 }
 
-/// The corner whose legend box would cover the fewest points. The box is estimated as 40% of the
-/// width and one line (6% of the height) per series; ties go to the lower right, then the upper right.
+/// Legend box as a fraction of the plotting area: 40% of the width, and one line (6% of the height)
+/// per series.
+const LEGEND_WIDTH: f64 = 0.4;
+
+fn legend_height(series: usize) -> f64 {
+    (0.06 * series as f64 + 0.04).min(0.9)
+}
+
+/// The corner whose legend box would cover the fewest points; ties go to the lower right, then the
+/// upper right.
 fn quietest_corner(
     points: impl Iterator<Item = (f64, f64)>,
     ((x0, x1), (y0, y1)): ((f64, f64), (f64, f64)),
     series: usize,
-) -> SeriesLabelPosition {
-    let (w, h) = (0.4, (0.06 * series as f64 + 0.04).min(0.9));
+) -> (SeriesLabelPosition, usize) {
+    let (w, h) = (LEGEND_WIDTH, legend_height(series));
     let mut counts = [0usize; 4];
     for (x, y) in points {
         let (fx, fy) = ((x - x0) / (x1 - x0), (y - y0) / (y1 - y0));
@@ -126,13 +133,31 @@ fn quietest_corner(
         }
     }
     let best = (0..4).min_by_key(|&i| (counts[i], i)).unwrap_or(0);
-    [
+    let corner = [
         SeriesLabelPosition::LowerRight,
         SeriesLabelPosition::UpperRight,
         SeriesLabelPosition::LowerLeft,
         SeriesLabelPosition::UpperLeft,
     ][best]
-        .clone()
+        .clone();
+    (corner, counts[best])
+}
+
+/// Where the legend goes, and the right end of the x axis: when every corner would hide points (a
+/// legend of many series), the axis is extended so that the data fill the left 60% and the legend
+/// takes the empty right side.
+fn legend_placement(
+    points: impl Iterator<Item = (f64, f64)>,
+    ((x0, x1), (y0, y1)): ((f64, f64), (f64, f64)),
+    series: usize,
+) -> (SeriesLabelPosition, f64) {
+    match quietest_corner(points, ((x0, x1), (y0, y1)), series) {
+        (corner, 0) => (corner, x1),
+        _ => (
+            SeriesLabelPosition::UpperRight,
+            x0 + (x1 - x0) / (1.0 - LEGEND_WIDTH),
+        ),
+    }
 }
 
 fn register_font() -> Result<()> {
@@ -202,10 +227,8 @@ mod tests {
     use super::*;
 
     fn corner(points: &[(f64, f64)]) -> String {
-        format!(
-            "{:?}",
-            quietest_corner(points.iter().copied(), ((0.0, 10.0), (0.0, 10.0)), 4)
-        )
+        let bounds = ((0.0, 10.0), (0.0, 10.0));
+        format!("{:?}", quietest_corner(points.iter().copied(), bounds, 4).0)
     }
 
     #[test]
@@ -219,5 +242,24 @@ mod tests {
         let mut busy_right = rising.clone();
         busy_right.extend([(9.5, 0.5), (9.0, 9.5), (9.5, 1.0)]);
         assert_eq!(corner(&busy_right), "UpperLeft");
+        // Twenty series leave no free corner: the axis grows to the right, where the legend goes, so
+        // every point stays left of the legend box.
+        let everywhere: Vec<(f64, f64)> = (0..=10)
+            .flat_map(|i| {
+                [
+                    (i as f64, i as f64),
+                    (i as f64, 10.0 - i as f64),
+                    (i as f64, 5.0),
+                ]
+            })
+            .collect();
+        let bounds = ((0.0, 10.0), (0.0, 10.0));
+        let (position, x1) = legend_placement(everywhere.iter().copied(), bounds, 20);
+        assert_eq!(format!("{position:?}"), "UpperRight");
+        assert!((x1 - 10.0 / 0.6).abs() < 1e-9);
+        let box_left = x1 - LEGEND_WIDTH * x1;
+        assert!(everywhere.iter().all(|&(x, _)| x <= box_left + 1e-9));
+        let (_, unchanged) = legend_placement(rising.iter().copied(), bounds, 4);
+        assert_eq!(unchanged, 10.0);
     }
 }
