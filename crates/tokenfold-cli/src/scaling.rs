@@ -80,15 +80,15 @@ struct Compression {
 /// multiple of D and the modality weights are not identifiable: the fit is not attempted.
 const MIN_SHARE_RANGE: f64 = 0.05;
 
-/// N as a function of (C, D) for the architecture's FLOPs convention, with the encoder size and image
-/// share taken as the runs' medians for late fusion: C = 6·D·N·(1 + r·s), r = N_v/N, s = D_v/D.
+/// N as a function of (C, D) for the architecture's FLOPs convention: C = 6·D·N·(1 + x) for late
+/// fusion, where x = N_v·D_v/(N·D) is the encoder's share taken as the runs' median. Each run's x is
+/// read off its own recorded FLOPs, so encoder tokens count as the record counted them (r² per image
+/// token under pixel-unshuffle).
 fn params_for(runs: &[RunRecord]) -> impl Fn(f64, f64) -> f64 + use<> {
     let ratios: Vec<f64> = runs
         .iter()
-        .filter_map(|r| {
-            let image = r.tokens_by_modality.get("image")? / r.tokens;
-            Some(r.vision_params? / r.params * image)
-        })
+        .filter(|r| r.vision_params.is_some())
+        .map(|r| r.flops / (6.0 * r.params * r.tokens) - 1.0)
         .collect();
     let extra = median(ratios).unwrap_or(0.0);
     move |c, d| c / (6.0 * d * (1.0 + extra))

@@ -193,13 +193,10 @@ impl RunConfig {
         if let Some(vision) = &self.model.vision {
             vision
                 .validate()
-                .map_err(|m| ModelError::Config(format!("model.vision: {m}")))?;
-            if self.sequence.patch_size as usize % vision.unshuffle != 0 {
-                return fail(format!(
-                    "model.vision.unshuffle {} does not divide sequence.patch_size {}",
-                    vision.unshuffle, self.sequence.patch_size
-                ));
-            }
+                .and_then(|()| vision.validate_patch_side(self.sequence.patch_size as usize))
+                .map_err(|m| {
+                    ModelError::Config(format!("model.vision: {m} (sequence.patch_size)"))
+                })?;
         }
         Ok(())
     }

@@ -100,7 +100,11 @@ impl VisionConfig {
 
     /// Checks that the decoder's patch side p is a multiple of the unshuffle factor.
     pub fn validate_with(&self, decoder: &ModelConfig) -> std::result::Result<(), String> {
-        let side = patch_side(decoder.patch_dim);
+        self.validate_patch_side(patch_side(decoder.patch_dim))
+    }
+
+    /// Checks that a patch side of `side` pixels is a multiple of the unshuffle factor.
+    pub fn validate_patch_side(&self, side: usize) -> std::result::Result<(), String> {
         if side % self.unshuffle != 0 {
             return Err(format!(
                 "unshuffle {} does not divide the patch side {side}",
