@@ -209,6 +209,7 @@ fn bench_data(
             mixture: mixture.clone(),
             stages: Vec::new(),
             seq: seq.clone(),
+            group_text: false,
         };
         let mut loader = Loader::spawn(assets.clone(), tokenizer.clone(), stream, 0, workers, 4)?;
         loader.next_batch()?; // warm-up: thread start

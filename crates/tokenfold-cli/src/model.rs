@@ -38,7 +38,8 @@ pub struct EvalArgs {
     /// Run directory of a trained model.
     #[arg(long)]
     pub model: PathBuf,
-    /// Comma-separated tasks, or all.
+    /// Comma-separated tasks, or all; `describe` adds the recognition diagnostic (objects named with
+    /// their cell), e.g. `all,describe`.
     #[arg(long, default_value = "all")]
     pub tasks: String,
     #[arg(long, default_value = "test")]
@@ -144,14 +145,25 @@ pub fn run_eval(args: EvalArgs, paths: &DataPaths) -> Result<()> {
     if args.split == Split::Train {
         bail!("--split train: evaluation uses the fixed val or test sets");
     }
-    let tasks = parse_tasks(&args.tasks)?;
+    // `describe` has an evaluation set but is a diagnostic, not a benchmark task: only eval takes it.
+    let mut describe = false;
+    let mut tasks = Vec::new();
+    for name in args.tasks.split(',').map(str::trim) {
+        match name {
+            "describe" => describe = true,
+            name => tasks.extend(parse_tasks(name)?),
+        }
+    }
     let device = default_device()?;
     let (model, tokenizer, config) = RunDir::new(&args.model).load(&device)?;
     let assets = checked_assets(paths, &config)?;
-    let specs: Vec<EvalSpec> = EvalSpec::all(args.split)
+    let mut specs: Vec<EvalSpec> = EvalSpec::all(args.split)
         .into_iter()
         .filter(|s| tasks.contains(&s.task))
         .collect();
+    if describe {
+        specs.push(EvalSpec::describe(args.split));
+    }
     let started = Instant::now();
     let results = evaluate(
         &model,

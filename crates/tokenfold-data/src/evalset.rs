@@ -43,6 +43,16 @@ impl EvalSpec {
         specs
     }
 
+    /// The `describe` set of a split: a diagnostic of recognition (is every object of a scene named with its
+    /// cell?), not a benchmark; [`EvalSpec::all`] leaves it out.
+    pub fn describe(split: Split) -> EvalSpec {
+        EvalSpec {
+            task: Task::Describe,
+            split,
+            negatives: None,
+        }
+    }
+
     /// `exist-adversarial`, `count`, …: the task and, for exist, its negatives.
     pub fn task_name(&self) -> String {
         match self.negatives {

@@ -45,6 +45,18 @@ impl Mixture {
         Ok(())
     }
 
+    /// The share of text in the mixture, and its text and image parts as mixtures of their own; `None`
+    /// when the mixture is all text or has none.
+    pub fn split_text(&self) -> Option<(f64, Mixture, Mixture)> {
+        let total: f64 = self.0.iter().map(|(_, w)| w).sum();
+        let (text, image): (Vec<_>, Vec<_>) = self.0.iter().partition(|(t, _)| *t == Task::Text);
+        let text_weight: f64 = text.iter().map(|(_, w)| w).sum();
+        if text_weight <= 0.0 || text_weight >= total {
+            return None;
+        }
+        Some((text_weight / total, Mixture(text), Mixture(image)))
+    }
+
     fn pick(&self, rng: &mut impl Rng) -> Task {
         let total: f64 = self.0.iter().map(|(_, w)| w).sum();
         let mut target = rng.random::<f64>() * total;
@@ -110,6 +122,39 @@ pub fn training_batch(
     Batch::from_samples(&samples, tokenizer, seq)
 }
 
+/// Batch `batch_index` of `stream`, drawn from the mixture of its curriculum stage. With
+/// `stream.group_text`, the batch is all text (with the mixture's text share, drawn per batch) or all
+/// image samples, each sample still a pure function of (seed, index).
+pub fn stream_batch(
+    assets: &Assets,
+    tokenizer: &TextTokenizer,
+    stream: &StreamConfig,
+    batch_index: u64,
+) -> Result<Batch> {
+    let mixture = stream.mixture_at(batch_index);
+    let grouped = match (stream.group_text, mixture.split_text()) {
+        (true, Some((text_share, text, image))) => {
+            // Stream 1 holds the per-batch draws; stream 0 the samples.
+            let mut rng = sample_rng(stream.seed, 1, batch_index);
+            Some(if rng.random::<f64>() < text_share {
+                text
+            } else {
+                image
+            })
+        }
+        _ => None,
+    };
+    training_batch(
+        assets,
+        tokenizer,
+        &stream.seq,
+        grouped.as_ref().unwrap_or(mixture),
+        stream.seed,
+        stream.batch_size,
+        batch_index,
+    )
+}
+
 /// A curriculum stage: `mixture` applies to the batches before `until_batch` (and after the previous stage).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Stage {
@@ -127,6 +172,9 @@ pub struct StreamConfig {
     /// Curriculum stages, by increasing `until_batch`.
     pub stages: Vec<Stage>,
     pub seq: SequenceConfig,
+    /// Each batch all text or all images (see [`stream_batch`]): a text passage pads a batch of short
+    /// image prompts to its own length.
+    pub group_text: bool,
 }
 
 impl StreamConfig {
@@ -192,15 +240,7 @@ impl Loader {
             handles.push(std::thread::spawn(move || {
                 let mut batch_index = start_batch + worker as u64;
                 loop {
-                    let batch = training_batch(
-                        &assets,
-                        &tokenizer,
-                        &stream.seq,
-                        stream.mixture_at(batch_index),
-                        stream.seed,
-                        stream.batch_size,
-                        batch_index,
-                    );
+                    let batch = stream_batch(&assets, &tokenizer, &stream, batch_index);
                     if sender.send(batch).is_err() {
                         return; // the loader was dropped
                     }

@@ -848,6 +848,7 @@ fn loader_stream_is_the_same_for_any_worker_count_and_resumes_exactly() {
             mixture: "caption=1".parse().unwrap(),
         }],
         seq: SequenceConfig::default(),
+        group_text: false,
     };
     let direct: Vec<Batch> = (0..5)
         .map(|i| {
@@ -891,6 +892,75 @@ fn loader_stream_is_the_same_for_any_worker_count_and_resumes_exactly() {
         Loader::spawn(f.assets.clone(), f.tokenizer.clone(), stream, 3, 2, 2).unwrap();
     assert_eq!(resumed.next_batch().unwrap(), direct[3]);
     assert_eq!(resumed.next_batch().unwrap(), direct[4]);
+}
+
+#[test]
+fn grouped_batches_are_all_text_or_all_images_in_the_mixture_share() {
+    let f = fixture();
+    let stream = StreamConfig {
+        seed: 9,
+        batch_size: 4,
+        mixture: "caption=1, count=1, text=1".parse().unwrap(),
+        stages: Vec::new(),
+        seq: SequenceConfig::default(),
+        group_text: true,
+    };
+    let batches: Vec<Batch> = (0..60)
+        .map(|i| crate::loader::stream_batch(&f.assets, &f.tokenizer, &stream, i).unwrap())
+        .collect();
+    let text_batches = batches
+        .iter()
+        .filter(|b| b.tasks.iter().all(|&t| t == Task::Text))
+        .count();
+    let image_batches = batches
+        .iter()
+        .filter(|b| b.tasks.iter().all(|&t| t != Task::Text))
+        .count();
+    assert_eq!(
+        text_batches + image_batches,
+        60,
+        "every batch is homogeneous"
+    );
+    // A third of the weight is text: 20 of 60 batches expected, binomial sd 3.7.
+    assert!(
+        (10..=30).contains(&text_batches),
+        "{text_batches} text batches"
+    );
+    // Image batches draw both image tasks; each sample is still a function of (seed, index) alone.
+    let image: Mixture = "caption=1, count=1".parse().unwrap();
+    let (i, batch) = batches
+        .iter()
+        .enumerate()
+        .find(|(_, b)| b.tasks.iter().all(|&t| t != Task::Text))
+        .unwrap();
+    for (s, &task) in batch.tasks.iter().enumerate() {
+        let index = (i * 4 + s) as u64;
+        assert_eq!(
+            crate::loader::training_sample(&f.assets, &image, 9, index).task,
+            task
+        );
+    }
+    assert!(
+        batches
+            .iter()
+            .flat_map(|b| &b.tasks)
+            .any(|&t| t == Task::Count)
+    );
+    // Without text in the mixture, grouping changes nothing.
+    let no_text = StreamConfig {
+        mixture: "caption=1, count=1".parse().unwrap(),
+        ..stream.clone()
+    };
+    let plain = StreamConfig {
+        group_text: false,
+        ..no_text.clone()
+    };
+    for i in 0..3 {
+        assert_eq!(
+            crate::loader::stream_batch(&f.assets, &f.tokenizer, &no_text, i).unwrap(),
+            crate::loader::stream_batch(&f.assets, &f.tokenizer, &plain, i).unwrap()
+        );
+    }
 }
 
 #[test]

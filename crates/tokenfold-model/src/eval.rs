@@ -13,6 +13,17 @@ use crate::moe::LayerRouting;
 
 /// Answers are short (a label is at most a handful of tokens); generation stops there at the latest.
 pub const MAX_ANSWER_TOKENS: usize = 16;
+/// A `describe` answer names up to six objects with their cells, about 40 tokens.
+pub const MAX_DESCRIBE_TOKENS: usize = 72;
+
+/// How many tokens greedy generation may produce for a task's answer.
+pub fn max_answer_tokens(task: Task) -> usize {
+    if task == Task::Describe {
+        MAX_DESCRIBE_TOKENS
+    } else {
+        MAX_ANSWER_TOKENS
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SetResult {
@@ -20,8 +31,11 @@ pub struct SetResult {
     pub set: String,
     pub task: Task,
     pub samples: usize,
-    /// Exactly matching answers (image tasks).
+    /// Exactly matching answers (image tasks); for `describe`, objects named with their cell.
     pub correct: usize,
+    /// `describe` only: objects in the samples' scenes, the denominator of its accuracy (object recall).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub objects: Option<usize>,
     pub accuracy: f64,
     /// Text only.
     pub nll_per_token: Option<f64>,
@@ -60,11 +74,12 @@ fn answer_prompts(
     tokenizer: &TextTokenizer,
     seq: &SequenceConfig,
     prompts: &[Encoded],
+    max_new: usize,
     hook: &mut dyn LayerHook,
 ) -> Result<Vec<String>> {
     let inputs = prompt_inputs(prompts, tokenizer.special.pad, seq, model.device())?;
     model
-        .generate(&inputs, hook, MAX_ANSWER_TOKENS, tokenizer.special.eos)?
+        .generate(&inputs, hook, max_new, tokenizer.special.eos)?
         .iter()
         .map(|ids| Ok(tokenizer.decode(ids)?.trim().to_string()))
         .collect()
@@ -85,7 +100,14 @@ pub fn answer(
             .iter()
             .map(|s| encode_prompt(s.image.as_ref(), &s.question, tokenizer, seq))
             .collect::<std::result::Result<Vec<_>, _>>()?;
-        answers.extend(answer_prompts(model, tokenizer, seq, &prompts, hook)?);
+        let max_new = chunk
+            .iter()
+            .map(|s| max_answer_tokens(s.task))
+            .max()
+            .unwrap_or(MAX_ANSWER_TOKENS);
+        answers.extend(answer_prompts(
+            model, tokenizer, seq, &prompts, max_new, hook,
+        )?);
     }
     Ok(answers)
 }
@@ -99,7 +121,12 @@ pub fn answer_question(
     question: &str,
 ) -> Result<String> {
     let prompt = encode_prompt(Some(image), question, tokenizer, seq)?;
-    let mut answers = answer_prompts(model, tokenizer, seq, &[prompt], &mut NoHook)?;
+    let max_new = if question.trim() == tokenfold_data::tasks::DESCRIBE_QUESTION {
+        MAX_DESCRIBE_TOKENS
+    } else {
+        MAX_ANSWER_TOKENS
+    };
+    let mut answers = answer_prompts(model, tokenizer, seq, &[prompt], max_new, &mut NoHook)?;
     Ok(answers.remove(0))
 }
 
@@ -144,17 +171,28 @@ pub fn evaluate_with(
             text_result(model, tokenizer, seq, &samples, batch_size)?
         } else {
             let answers = answer(model, tokenizer, seq, &samples, batch_size, hook)?;
-            let correct = answers
-                .iter()
-                .zip(&samples)
-                .filter(|(a, s)| **a == s.answer)
-                .count();
+            let (correct, objects) = if spec.task == Task::Describe {
+                let (named, total) = answers
+                    .iter()
+                    .zip(&samples)
+                    .map(|(a, s)| described_objects(a, &s.answer))
+                    .fold((0, 0), |(n, t), (a, b)| (n + a, t + b));
+                (named, Some(total))
+            } else {
+                let correct = answers
+                    .iter()
+                    .zip(&samples)
+                    .filter(|(a, s)| **a == s.answer)
+                    .count();
+                (correct, None)
+            };
             SetResult {
                 set: String::new(),
                 task: spec.task,
                 samples: samples.len(),
                 correct,
-                accuracy: correct as f64 / samples.len().max(1) as f64,
+                objects,
+                accuracy: correct as f64 / objects.unwrap_or(samples.len()).max(1) as f64,
                 nll_per_token: None,
                 bits_per_byte: None,
             }
@@ -165,6 +203,32 @@ pub fn evaluate_with(
         });
     }
     Ok(results)
+}
+
+/// Scores a `describe` answer by object recall: of the "cell label" items of `truth` ("top left cat,
+/// center dog"), how many `answer` lists too, each of its items matching at most once. Returns (named,
+/// objects in the scene). Recall rather than exact match, so that a model that recognises some of a
+/// scene's objects gets credit for those.
+pub fn described_objects(answer: &str, truth: &str) -> (usize, usize) {
+    let items = |text: &str| -> Vec<String> {
+        text.split(',')
+            .map(|item| item.trim().to_string())
+            .filter(|item| !item.is_empty())
+            .collect()
+    };
+    let mut listed = items(answer);
+    let expected = items(truth);
+    let named = expected
+        .iter()
+        .filter(|item| {
+            listed
+                .iter()
+                .position(|l| l == *item)
+                .map(|i| listed.swap_remove(i))
+                .is_some()
+        })
+        .count();
+    (named, expected.len())
 }
 
 /// Cross-entropy of one set's target tokens (the answer for image tasks, the whole text for text).
@@ -265,17 +329,18 @@ fn text_result(
         task: Task::Text,
         samples: samples.len(),
         correct: 0,
+        objects: None,
         accuracy: 0.0,
         nll_per_token: Some(nll / tokens.max(1) as f64),
         bits_per_byte: Some(nll / std::f64::consts::LN_2 / bytes.max(1) as f64),
     })
 }
 
-/// Mean accuracy over the image-task sets.
+/// Mean accuracy over the benchmark image-task sets (`describe`, a diagnostic, left out).
 pub fn mean_accuracy(results: &[SetResult]) -> f64 {
     let image: Vec<f64> = results
         .iter()
-        .filter(|r| r.task != Task::Text)
+        .filter(|r| !matches!(r.task, Task::Text | Task::Describe))
         .map(|r| r.accuracy)
         .collect();
     image.iter().sum::<f64>() / image.len().max(1) as f64
@@ -288,6 +353,11 @@ pub fn markdown(results: &[SetResult]) -> String {
     );
     for r in results {
         let fmt = |v: Option<f64>| v.map_or("".to_string(), |v| format!("{v:.3}"));
+        // Describe's accuracy is a share of objects: say so where a reader sees it.
+        let set = match r.objects {
+            Some(objects) => format!("{} (objects named of {objects})", r.set),
+            None => r.set.clone(),
+        };
         let accuracy = if r.task == Task::Text {
             String::new()
         } else {
@@ -295,7 +365,7 @@ pub fn markdown(results: &[SetResult]) -> String {
         };
         out.push_str(&format!(
             "| {} | {} | {} | {} | {} |\n",
-            r.set,
+            set,
             r.samples,
             accuracy,
             fmt(r.nll_per_token),

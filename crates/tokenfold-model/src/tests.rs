@@ -725,7 +725,18 @@ fn resumed_run_repeats_the_uninterrupted_losses() {
     )
     .unwrap();
     assert_eq!(summary.steps, 6);
-    assert_eq!(summary.validation.len(), 9);
+    // Nine benchmark sets, then the describe diagnostic, scored per object over the same samples.
+    assert_eq!(summary.validation.len(), 10);
+    let describe = &summary.validation[9];
+    assert_eq!(describe.set, "describe/val");
+    let scenes = tokenfold_data::EvalSpec::describe(Split::Val).build(&f.assets, 4);
+    let objects: usize = scenes.iter().map(|s| s.answer.split(", ").count()).sum();
+    assert_eq!(describe.objects, Some(objects));
+    assert!(describe.correct <= objects);
+    assert_eq!(
+        crate::eval::mean_accuracy(&summary.validation),
+        crate::eval::mean_accuracy(&summary.validation[..9])
+    );
     let parts = tempfile::tempdir().unwrap();
     let stopped = train(
         &config,
@@ -786,6 +797,25 @@ fn resumed_run_repeats_the_uninterrupted_losses() {
         .unwrap();
     assert_eq!(run, config);
     assert_eq!(tokenizer.vocab_size(), model.config.vocab_size);
+}
+
+#[test]
+fn describe_answers_score_each_object_named_with_its_cell_once() {
+    use crate::eval::described_objects;
+    let truth = "top left cat, center dog, bottom right cat";
+    assert_eq!(described_objects(truth, truth), (3, 3));
+    // Order does not matter; a wrong cell or label does, and a repeated item counts once.
+    assert_eq!(
+        described_objects("center dog, top left cat, top left cat", truth),
+        (2, 3)
+    );
+    assert_eq!(
+        described_objects("top middle cat, center bread", truth),
+        (0, 3)
+    );
+    // A truncated answer keeps the items it completed.
+    assert_eq!(described_objects("top left cat, center do", truth), (1, 3));
+    assert_eq!(described_objects("", truth), (0, 3));
 }
 
 #[test]

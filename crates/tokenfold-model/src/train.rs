@@ -99,6 +99,11 @@ pub struct TrainConfig {
     /// Curriculum stages before `mixture` takes over, by increasing `until_step`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub curriculum: Vec<CurriculumStage>,
+    /// Draw each batch all text or all image samples (text in the mixture's share of batches): a text
+    /// passage pads a batch of short image prompts to its own length, so mixed batches cost up to twice
+    /// as much. Off by default, which keeps earlier runs' streams.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub group_text: bool,
 }
 
 /// `[[train.curriculum]]`: train on `mixture` until optimizer step `until_step`.
@@ -208,8 +213,6 @@ impl RunConfig {
         parse_mixture(&self.train.mixture, "train.mixture")
     }
 
-    /// The same run with `steps` optimizer steps: warmup capped at `steps`, curriculum stages scaled
-    /// in proportion (each at least one step after the previous).
     /// The training data stream: seed, batch size, mixture, curriculum stages and sequence format.
     pub fn stream(&self) -> Result<StreamConfig> {
         Ok(StreamConfig {
@@ -218,9 +221,12 @@ impl RunConfig {
             mixture: self.mixture()?,
             stages: self.stages()?,
             seq: self.sequence.clone(),
+            group_text: self.train.group_text,
         })
     }
 
+    /// The same run with `steps` optimizer steps: warmup capped at `steps`, curriculum stages scaled
+    /// in proportion (each at least one step after the previous).
     pub fn with_steps(&self, steps: u64) -> RunConfig {
         let mut config = self.clone();
         let old = self.train.steps.max(1);
@@ -793,7 +799,8 @@ pub fn train(
     })
 }
 
-/// Evaluates on the validation sets and records the result in `metrics.jsonl` after `step` steps.
+/// Evaluates on the validation sets, and on the describe diagnostic (object recall, outside the mean),
+/// and records the result in `metrics.jsonl` after `step` steps.
 fn validate(
     model: &NativeModel,
     tokenizer: &TextTokenizer,
@@ -802,7 +809,8 @@ fn validate(
     dir: &RunDir,
     step: u64,
 ) -> Result<Vec<SetResult>> {
-    let specs = EvalSpec::all(Split::Val);
+    let mut specs = EvalSpec::all(Split::Val);
+    specs.push(EvalSpec::describe(Split::Val));
     let results = evaluate(
         model,
         tokenizer,
