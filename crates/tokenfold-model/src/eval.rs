@@ -121,11 +121,13 @@ pub fn answer_question(
     question: &str,
 ) -> Result<String> {
     let prompt = encode_prompt(Some(image), question, tokenizer, seq)?;
-    let max_new = if question.trim() == tokenfold_data::tasks::DESCRIBE_QUESTION {
-        MAX_DESCRIBE_TOKENS
+    // A free question is answered at a short answer's length unless it is describe's question.
+    let task = if question.trim() == tokenfold_data::tasks::DESCRIBE_QUESTION {
+        Task::Describe
     } else {
-        MAX_ANSWER_TOKENS
+        Task::Caption
     };
+    let max_new = max_answer_tokens(task);
     let mut answers = answer_prompts(model, tokenizer, seq, &[prompt], max_new, &mut NoHook)?;
     Ok(answers.remove(0))
 }
