@@ -44,6 +44,15 @@ pub struct SearchArgs {
     /// Seed of the search's training-split stream (the model's own training used another stream).
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
+    /// Search from the neutral start only: no hand-designed seeds, no selection.
+    #[arg(long)]
+    pub no_seeds: bool,
+    /// Steps of the search from the best hand-designed seed.
+    #[arg(long, default_value_t = 150)]
+    pub seed_steps: usize,
+    /// Held-out training-split batches that rank the seeds and pick the plan emitted.
+    #[arg(long, default_value_t = 32)]
+    pub selection_batches: usize,
 }
 
 pub fn report_path(plan: &Path) -> PathBuf {
@@ -67,6 +76,9 @@ pub fn run(args: SearchArgs, paths: &DataPaths) -> Result<()> {
     config.lr = args.lr;
     config.align = args.align;
     config.max_flops = args.max_flops;
+    config.seeds = !args.no_seeds;
+    config.seed_steps = args.seed_steps;
+    config.selection_batches = args.selection_batches;
     config.validate()?;
     let device = default_device()?;
     let (model, tokenizer, run) = RunDir::new(&args.model)
@@ -86,7 +98,8 @@ pub fn run(args: SearchArgs, paths: &DataPaths) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let bar = ProgressBar::new(args.steps as u64);
+    let total_steps = args.steps + if config.seeds { args.seed_steps } else { 0 };
+    let bar = ProgressBar::new(total_steps as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  ETA {eta}")
             .expect("valid progress template"),
@@ -126,6 +139,7 @@ pub fn run(args: SearchArgs, paths: &DataPaths) -> Result<()> {
 
 fn print_summary(report: &SearchReport) {
     let last = report.trajectory.last();
+    println!("The search from the neutral start, at its last step:\n");
     println!("| layer | active | a | keep | γ | τ | η | ρ | κ | top signals |");
     println!("|---:|:---:|---:|---:|---:|---:|---:|---:|---:|---|");
     if let Some(last) = last {
@@ -171,10 +185,31 @@ fn print_summary(report: &SearchReport) {
         .collect::<Vec<_>>()
         .join(", ");
     println!(
-        "plan: {stages}; FLOPs-equivalent share {:.2}% (budget {:.2}%)",
+        "plan {}: {stages}; FLOPs-equivalent share {:.2}% (budget {:.2}%)",
+        report.plan.name,
         100.0 * report.plan_share,
         100.0 * report.config.budget
     );
+    if !report.candidates.is_empty() {
+        println!(
+            "\n| candidate | FLOPs-equivalent share | exact match on the selection batches | objective |"
+        );
+        println!("|---|---:|---:|---:|");
+        for c in &report.candidates {
+            println!(
+                "| {}{} | {:.2}% | {:.1}% | {:.4} |",
+                c.name,
+                if c.name == report.chosen {
+                    " (chosen)"
+                } else {
+                    ""
+                },
+                100.0 * c.plan_share,
+                100.0 * c.selection_accuracy,
+                c.selection_loss
+            );
+        }
+    }
     println!(
         "search: {:.1} s wall, {} forward and {} backward passes",
         report.wall_seconds, report.forward_passes, report.backward_passes

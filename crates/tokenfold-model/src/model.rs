@@ -13,6 +13,7 @@
 //! and keys of the layer just run, from which one query row q·Kᵀ is computed without the full attention
 //! matrix.
 
+use std::collections::HashMap;
 use std::sync::Mutex;
 
 use candle_core::{D, DType, Device, IndexOp, Module, Result, Shape, Tensor, Var};
@@ -796,8 +797,9 @@ impl NativeModel {
     }
 
     /// The logits (n, vocab) at every target token of a training batch with `hook` in the forward pass:
-    /// hidden row j − 1 predicts token j wherever token j is a target. Returns the logits, the target ids
-    /// (n,) and the sample of each row.
+    /// hidden row j − 1 predicts token j wherever token j is a target. The hook may remove rows (a
+    /// reduction plan), but not one that predicts a target. Returns the logits, the target ids (n,) and the
+    /// sample of each row.
     pub fn target_logits(
         &self,
         batch: &Batch,
@@ -817,19 +819,34 @@ impl NativeModel {
         let inputs = Inputs::from_batch(batch, &self.device)?;
         let state = self.forward(self.embed(&inputs)?, hook, None)?;
         let (b, t) = (batch.batch_size, batch.seq_len);
-        if state.len() != t {
-            candle_core::bail!(
-                "target logits need a hook that keeps every row ({t} → {})",
-                state.len()
-            );
-        }
+        // A hook that removed rows (a reduction plan) keeps each row's original position: the row that
+        // predicts target j is the one at position j − 1.
+        let kept = state.len();
+        let row_at: HashMap<(usize, u32), usize> = if kept == t {
+            HashMap::new()
+        } else {
+            (0..b * kept)
+                .filter(|&r| state.valid[r])
+                .map(|r| ((r / kept, state.positions[r]), r))
+                .collect()
+        };
         let mut rows = Vec::new();
         let mut targets = Vec::new();
         let mut samples = Vec::new();
         for s in 0..b {
             for j in 1..t {
                 if batch.loss_mask[s * t + j] > 0.0 {
-                    rows.push((s * t + j - 1) as u32);
+                    let row = if kept == t {
+                        s * t + j - 1
+                    } else {
+                        *row_at.get(&(s, (j - 1) as u32)).ok_or_else(|| {
+                            candle_core::Error::Msg(format!(
+                                "sample {s}: the hook removed row {} that predicts a target token",
+                                j - 1
+                            ))
+                        })?
+                    };
+                    rows.push(row as u32);
                     targets.push(batch.tokens[s * t + j]);
                     samples.push(s);
                 }
@@ -839,7 +856,7 @@ impl NativeModel {
             candle_core::bail!("the batch has no target tokens");
         }
         let n = rows.len();
-        let hidden = state.hidden.reshape((b * t, self.config.d_model))?;
+        let hidden = state.hidden.reshape((b * kept, self.config.d_model))?;
         let selected = hidden.index_select(&Tensor::from_vec(rows, n, &self.device)?, 0)?;
         Ok((
             self.logits(&selected)?,

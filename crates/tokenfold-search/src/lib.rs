@@ -8,18 +8,22 @@
 //! - [`space`]: the search variables and their maps onto the operator's parameters;
 //! - [`relax`]: the relaxed operator (soft top-k, soft transfer, expected activation) inside the forward
 //!   pass;
-//! - [`search`]: objective, constraints, phases, and the discrete plan with its report.
+//! - [`search`]: objective, constraints, phases, and the discrete plan with its report;
+//! - [`seed`]: hand-designed plans as starting points, and the held-out selection of the plan emitted.
 //!
 //! `docs/operator-space.md` defines the space, its special cases and the relaxation.
 
 pub mod error;
 pub mod relax;
 pub mod search;
+pub mod seed;
 pub mod space;
 
 #[cfg(test)]
 mod tests;
 
 pub use error::{Result, SearchError};
-pub use search::{SearchConfig, SearchReport, StepRecord, discretise, search};
+pub use search::{
+    Candidate, SearchConfig, SearchReport, SeededRun, StepRecord, discretise, search,
+};
 pub use space::{LayerParams, SearchSpace, SpaceInit};

@@ -15,6 +15,11 @@
 //! **The plan.** Active layers become unified stages with their parameters; keep shares are the products of
 //! the keep ratios, then scaled by one common factor to the largest counts whose FLOPs-equivalent share does
 //! not exceed the budget (so the plan meets it, never above).
+//!
+//! **Seeds and selection** ([`crate::seed`]). With `seeds`, held-out batches of the training split rank the
+//! hand-designed plans the space expresses exactly; a second run starts from the best of them with its
+//! layers fixed, and the plan emitted is the best on those batches (exact-match accuracy, then the
+//! objective) among the neutral search's plan, the seeded search's plan and the seeds themselves.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -31,6 +36,7 @@ use tokenfold_model::optim::{AdamW, AdamWConfig};
 
 use crate::error::{Result, SearchError};
 use crate::relax::{SoftHook, kl_rows, template_plan};
+use crate::seed::{Score, Seed, Selection, seeds};
 use crate::space::{LayerParams, SearchSpace, SpaceInit};
 
 /// Settings of one search.
@@ -52,6 +58,15 @@ pub struct SearchConfig {
     /// Mask temperature at the first and the last step.
     pub temperature: (f64, f64),
     pub init: SpaceInit,
+    /// Also start from the best hand-designed seed and emit the best plan on held-out batches.
+    #[serde(default)]
+    pub seeds: bool,
+    /// Steps of the seeded search.
+    #[serde(default)]
+    pub seed_steps: usize,
+    /// Held-out training-split batches that rank the seeds and the plans.
+    #[serde(default)]
+    pub selection_batches: usize,
 }
 
 impl SearchConfig {
@@ -67,6 +82,9 @@ impl SearchConfig {
             explore: 0.5,
             temperature: (0.5, 0.05),
             init: SpaceInit::default(),
+            seeds: true,
+            seed_steps: 150,
+            selection_batches: 32,
         }
     }
 
@@ -89,6 +107,9 @@ impl SearchConfig {
         }
         if self.batch_size == 0 {
             return bad("batch_size", "0".into());
+        }
+        if self.seeds && self.selection_batches == 0 {
+            return bad("selection_batches", "0".into());
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return bad("lr", self.lr.to_string());
@@ -136,6 +157,15 @@ pub struct SearchReport {
     pub trajectory: Vec<StepRecord>,
     /// Layer activations fixed after the exploration phase.
     pub active: Vec<bool>,
+    /// The search from the best seed, if seeds were on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seeded: Option<SeededRun>,
+    /// Every plan considered (the searched ones and the seeds) with its loss on the selection batches.
+    #[serde(default)]
+    pub candidates: Vec<Candidate>,
+    /// The name of the plan emitted.
+    #[serde(default)]
+    pub chosen: String,
     pub plan: Plan,
     /// The plan's FLOPs-equivalent share (≤ the budget).
     pub plan_share: f64,
@@ -145,8 +175,30 @@ pub struct SearchReport {
     pub backward_passes: usize,
 }
 
+/// The search from a seed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SeededRun {
+    /// The hand-designed method it started from.
+    pub seed: String,
+    pub trajectory: Vec<StepRecord>,
+    pub active: Vec<bool>,
+    pub plan: Plan,
+}
+
+/// A plan considered for emission.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Candidate {
+    pub name: String,
+    /// The search objective on the selection batches, the plan run as a hard plan.
+    pub selection_loss: f64,
+    /// Exact-match accuracy (teacher-forced: every answer token is the argmax) on the same batches.
+    pub selection_accuracy: f64,
+    pub plan_share: f64,
+    pub plan: Plan,
+}
+
 /// Answer-token loss terms of one batch: the per-sample-mean cross-entropy and KL to `reference`.
-fn answer_terms(
+pub(crate) fn answer_terms(
     logits: &Tensor,
     reference: &Tensor,
     targets: &Tensor,
@@ -416,7 +468,10 @@ pub fn discretise(
     }
 }
 
-/// Searches a plan for `model` (frozen inside) on the batches `batches(step)` gives (a training split).
+/// Searches a plan for `model` (frozen inside) on the batches `batches(i)` gives (a training split):
+/// the search from the neutral start over `steps`; with `seeds`, the selection batches (indices from
+/// `steps` on) rank the seeds, the search runs again from the best one over `seed_steps`, and the plan
+/// emitted is the best of the searched plans and the seeds on the selection batches.
 pub fn search(
     model: &NativeModel,
     config: &SearchConfig,
@@ -428,7 +483,149 @@ pub fn search(
     let frozen = model.frozen()?;
     let geometry = Geometry::of(&model.config);
     let n_layers = model.n_layers();
+    let mut passes = Passes::default();
     let space = SearchSpace::new(n_layers, &config.init, model.device())?;
+    let explore_steps = ((config.steps as f64) * config.explore).round() as usize;
+    let neutral = optimise(
+        &frozen,
+        &space,
+        config,
+        None,
+        config.steps,
+        explore_steps,
+        (config.temperature.0, config.temperature.1),
+        &mut batches,
+        &mut progress,
+        &mut passes,
+    )?;
+    let name = format!("searched-{:.1}%", 100.0 * config.budget);
+    let plan = discretise(
+        &neutral.layers,
+        &neutral.active,
+        config.budget,
+        geometry,
+        &name,
+    )?;
+    let mut candidates = Vec::new();
+    let mut seeded = None;
+    let mut chosen_plan = plan.clone();
+    let mut chosen = name.clone();
+    if config.seeds {
+        let selection_batches = (0..config.selection_batches)
+            .map(|i| batches(config.steps + i))
+            .collect::<Result<Vec<_>>>()?;
+        let selection = Selection::new(&frozen, selection_batches, config.align)?;
+        let mut scored = vec![(name.clone(), plan.clone(), selection.score(&frozen, &plan)?)];
+        let mut best_seed: Option<(Seed, Score)> = None;
+        for seed in seeds(config.budget, geometry) {
+            let score = selection.score(&frozen, &seed.plan)?;
+            scored.push((seed.plan.name.clone(), seed.plan.clone(), score));
+            if best_seed
+                .as_ref()
+                .is_none_or(|(_, best)| score.better_than(best))
+            {
+                best_seed = Some((seed, score));
+            }
+        }
+        if let Some((seed, _)) = best_seed {
+            let space = SearchSpace::from_layers(&seed.layers, model.device())?;
+            // The seeded search tunes the seed's layers as they will run: the second phase of the
+            // neutral search, with its half of the temperature schedule.
+            let middle = (config.temperature.0 * config.temperature.1).sqrt();
+            let run = optimise(
+                &frozen,
+                &space,
+                config,
+                Some(seed.active.clone()),
+                config.seed_steps,
+                0,
+                (middle, config.temperature.1),
+                &mut batches,
+                &mut progress,
+                &mut passes,
+            )?;
+            let seeded_name = format!("{name}-from-{}", seed.method.name());
+            let plan = discretise(
+                &run.layers,
+                &run.active,
+                config.budget,
+                geometry,
+                &seeded_name,
+            )?;
+            scored.push((seeded_name, plan.clone(), selection.score(&frozen, &plan)?));
+            seeded = Some(SeededRun {
+                seed: seed.method.name().to_string(),
+                trajectory: run.trajectory,
+                active: run.active,
+                plan,
+            });
+        }
+        passes.forwards += selection.batches.len() * (1 + scored.len());
+        let mut best = 0;
+        for (i, (_, _, score)) in scored.iter().enumerate() {
+            if score.better_than(&scored[best].2) {
+                best = i;
+            }
+        }
+        chosen = scored[best].0.clone();
+        chosen_plan = scored[best].1.clone();
+        candidates = scored
+            .into_iter()
+            .map(|(name, plan, score)| Candidate {
+                plan_share: plan.equivalent_share(n_layers, geometry.n0(), geometry.grid),
+                name,
+                selection_loss: score.objective,
+                selection_accuracy: score.accuracy,
+                plan,
+            })
+            .collect();
+    }
+    chosen_plan.validate(n_layers)?;
+    let plan_share = chosen_plan.equivalent_share(n_layers, geometry.n0(), geometry.grid);
+    Ok(SearchReport {
+        config: config.clone(),
+        trajectory: neutral.trajectory,
+        active: neutral.active,
+        seeded,
+        candidates,
+        chosen,
+        plan: chosen_plan,
+        plan_share,
+        wall_seconds: started.elapsed().as_secs_f64(),
+        forward_passes: passes.forwards,
+        backward_passes: passes.backwards,
+    })
+}
+
+#[derive(Default)]
+struct Passes {
+    forwards: usize,
+    backwards: usize,
+}
+
+/// What one optimisation run ends with.
+struct Run {
+    trajectory: Vec<StepRecord>,
+    active: Vec<bool>,
+    /// The parameters at the end, keep ratios at the exact budget shift for `active`.
+    layers: Vec<LayerParams>,
+}
+
+/// `steps` steps of the search on `space`: activations fixed to `active`, or expected for the first
+/// `explore_steps` and then fixed to a > ½; the mask temperature anneals geometrically over `temperature`.
+#[allow(clippy::too_many_arguments)]
+fn optimise(
+    frozen: &NativeModel,
+    space: &SearchSpace,
+    config: &SearchConfig,
+    mut active: Option<Vec<bool>>,
+    steps: usize,
+    explore_steps: usize,
+    temperature: (f64, f64),
+    batches: &mut impl FnMut(usize) -> Result<Batch>,
+    progress: &mut impl FnMut(&StepRecord),
+    passes: &mut Passes,
+) -> Result<Run> {
     let mut optimizer = AdamW::new(
         space.vars(),
         AdamWConfig {
@@ -439,22 +636,18 @@ pub fn search(
         },
     )?;
     let template = template_plan();
-    let explore_steps = ((config.steps as f64) * config.explore).round() as usize;
-    let mut active: Option<Vec<bool>> = None;
     let (mut lambda_budget, mut lambda_flops) = (0.0f64, 0.0f64);
-    let mut trajectory = Vec::with_capacity(config.steps);
-    let (mut forwards, mut backwards) = (0usize, 0usize);
-    for step in 0..config.steps {
+    let mut trajectory = Vec::with_capacity(steps);
+    for step in 0..steps {
         if step == explore_steps && active.is_none() {
             active = Some(choose_active(&space.snapshot(0.0)?));
         }
         // Exploring, the budget is a one-sided constraint; once the layers are fixed, the keep ratios are
         // tuned at the share the plan will run at (the discrete plan fills the budget).
         let (shift, shift_value) =
-            budget_shift(&space, active.as_deref(), config.budget, active.is_some())?;
-        let progress_share = step as f64 / (config.steps.max(2) - 1) as f64;
-        let temperature = config.temperature.0
-            * (config.temperature.1 / config.temperature.0).powf(progress_share);
+            budget_shift(space, active.as_deref(), config.budget, active.is_some())?;
+        let progress_share = step as f64 / (steps.max(2) - 1) as f64;
+        let temperature = temperature.0 * (temperature.1 / temperature.0).powf(progress_share);
         let batch = batches(step)?;
         let prompt_ends: Vec<u32> = batch
             .prompt_lens
@@ -463,12 +656,12 @@ pub fn search(
             .collect();
         let (reference, targets, samples) =
             frozen.target_logits(&batch, &mut tokenfold_model::NoHook)?;
-        let mut hook = SoftHook::new(&frozen, &space, &template, prompt_ends);
+        let mut hook = SoftHook::new(frozen, space, &template, prompt_ends);
         hook.temperature = temperature;
         hook.activation = active.clone();
         hook.shift = Some(shift);
         let (logits, _, _) = frozen.target_logits(&batch, &mut hook)?;
-        forwards += 2;
+        passes.forwards += 2;
         let (ce, kl) = answer_terms(
             &logits,
             &reference.detach(),
@@ -477,7 +670,7 @@ pub fn search(
             batch.batch_size,
             config.align,
         )?;
-        let (share, flops_share) = budget_terms(&frozen, &hook)?;
+        let (share, flops_share) = budget_terms(frozen, &hook)?;
         let g_budget = (&share - config.budget)?;
         let mut loss =
             ((&ce + (&kl * config.align)?)? + lagrangian(&g_budget, lambda_budget, config.mu)?)?;
@@ -486,7 +679,7 @@ pub fn search(
             loss = (loss + lagrangian(&g_flops, lambda_flops, config.mu)?)?;
         }
         let grads = loss.backward()?;
-        backwards += 1;
+        passes.backwards += 1;
         let named: HashMap<String, Tensor> = space
             .vars()
             .into_iter()
@@ -514,22 +707,15 @@ pub fn search(
         progress(&record);
         trajectory.push(record);
     }
-    let active = active.unwrap_or_else(|| choose_active(&space.snapshot(0.0).unwrap_or_default()));
-    let (_, shift) = budget_shift(&space, Some(&active), config.budget, true)?;
-    let layers = space.snapshot(shift)?;
-    let name = format!("searched-{:.1}%", 100.0 * config.budget);
-    let plan = discretise(&layers, &active, config.budget, geometry, &name)?;
-    plan.validate(n_layers)?;
-    let plan_share = plan.equivalent_share(n_layers, geometry.n0(), geometry.grid);
-    Ok(SearchReport {
-        config: config.clone(),
+    let active = match active {
+        Some(active) => active,
+        None => choose_active(&space.snapshot(0.0)?),
+    };
+    let (_, shift) = budget_shift(space, Some(&active), config.budget, true)?;
+    Ok(Run {
         trajectory,
         active,
-        plan,
-        plan_share,
-        wall_seconds: started.elapsed().as_secs_f64(),
-        forward_passes: forwards,
-        backward_passes: backwards,
+        layers: space.snapshot(shift)?,
     })
 }
 

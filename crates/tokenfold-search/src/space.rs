@@ -138,7 +138,36 @@ impl SearchSpace {
         })
     }
 
-    /// Named variables, for the optimiser.
+    /// Variables that start at given per-layer parameters (a seed): the inverse of [`Self::snapshot`]
+    /// at shift 0, with τ kept in [10⁻³, 10³] and κ ≥ 10⁻⁶ so that every variable is finite.
+    pub fn from_layers(layers: &[LayerParams], device: &Device) -> Result<SearchSpace> {
+        let n_layers = layers.len();
+        let column = |f: &dyn Fn(&LayerParams) -> f64| -> Result<Var> {
+            let values: Vec<f32> = layers.iter().map(|p| f(p) as f32).collect();
+            Var::from_tensor(&Tensor::from_vec(values, n_layers, device)?)
+        };
+        let omega: Vec<f32> = layers
+            .iter()
+            .flat_map(|p| {
+                SIGNALS
+                    .iter()
+                    .map(|s| p.weights.get(s).copied().unwrap_or(0.0).max(1e-9).ln() as f32)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        Ok(SearchSpace {
+            n_layers,
+            alpha: column(&|p| logit(p.activation))?,
+            keep: column(&|p| logit(p.keep))?,
+            gamma: column(&|p| logit(p.gamma))?,
+            log_tau: column(&|p| p.tau.clamp(1e-3, 1e3).ln())?,
+            eta: column(&|p| logit(p.eta))?,
+            rho: column(&|p| p.rho)?,
+            locality: column(&|p| p.locality.max(1e-6).exp_m1().ln())?,
+            omega: Var::from_tensor(&Tensor::from_vec(omega, (n_layers, SIGNALS.len()), device)?)?,
+        })
+    }
+
     /// The expected FLOPs-equivalent token share of the relaxed stages when every keep logit is shifted
     /// by `shift`, with fixed activations `active` or the expected ones: (1/L)·Σ_ℓ Π_{ℓ'≤ℓ}
     /// (1 − a_ℓ'·(1 − c_ℓ')). The soft top-k keeps exactly c of the entering presence, so this is the share
@@ -170,6 +199,7 @@ impl SearchSpace {
         total / self.n_layers as f64
     }
 
+    /// Named variables, for the optimiser.
     pub fn vars(&self) -> Vec<(String, Var)> {
         [
             ("alpha", &self.alpha),

@@ -414,6 +414,7 @@ fn a_short_search_emits_a_valid_plan_within_budget_and_its_trajectory() {
     let mut config = SearchConfig::new(0.3);
     config.steps = 6;
     config.batch_size = 4;
+    config.seeds = false;
     let mut seen = 0;
     let report = search(
         &model,
@@ -530,4 +531,176 @@ fn the_budget_projection_meets_the_budget_with_implicit_gradients() {
             );
         }
     }
+}
+
+/// The prefill logits at each sample's last prompt token with `plan` in the forward pass.
+fn plan_logits(model: &NativeModel, plan: &tokenfold_fold::Plan, batch: &Batch) -> Vec<Vec<f32>> {
+    let mut hook = tokenfold_fold::FoldHook::new(model, plan);
+    let inputs = tokenfold_model::Inputs::from_batch(batch, &Device::Cpu).unwrap();
+    model
+        .prefill(&inputs, &mut hook, &mut tokenfold_model::KvCache::default())
+        .unwrap()
+        .to_vec2()
+        .unwrap()
+}
+
+#[test]
+fn seeds_are_the_hand_designed_plans_the_space_expresses_exactly() {
+    use crate::seed::seeds;
+    use tokenfold_fold::Method;
+    let model = tiny_model();
+    let g = Geometry::of(&model.config);
+    let batch = tiny_batch(&model, 5);
+    for budget in [0.3, 0.111] {
+        let found = seeds(budget, g);
+        let methods: Vec<Method> = found.iter().map(|s| s.method).collect();
+        // Pruning by the previous layer's signals; not PDrop (its own layer), SparseVLM (its plans
+        // recycle), ToMe (bipartite candidates), pooling (a window), VisionZip, PruMerge+ or random draws.
+        assert_eq!(methods, [Method::Fastv, Method::Dart], "budget {budget}");
+        for seed in &found {
+            let method_plan = tokenfold_fold::budget::fit(seed.method, budget, g).unwrap();
+            // The same plan: identical logits in the model.
+            let (a, b) = (
+                plan_logits(&model, &method_plan, &batch),
+                plan_logits(&model, &seed.plan, &batch),
+            );
+            for (ra, rb) in a.iter().zip(&b) {
+                for (x, y) in ra.iter().zip(rb) {
+                    assert!(
+                        (x - y).abs() < 1e-5,
+                        "{}: {x} against {y}",
+                        seed.method.name()
+                    );
+                }
+            }
+            // The variables start at the seed's parameters.
+            let space = SearchSpace::from_layers(&seed.layers, &Device::Cpu).unwrap();
+            let back = space.snapshot(0.0).unwrap();
+            for (l, (p, q)) in seed.layers.iter().zip(&back).enumerate() {
+                assert!((p.keep - q.keep).abs() < 1e-5, "layer {l} keep");
+                assert!((p.gamma - q.gamma).abs() < 1e-5, "layer {l} gamma");
+                assert_eq!(q.activation > 0.5, seed.active[l], "layer {l} activation");
+                for (s, w) in &p.weights {
+                    assert!((w - q.weights[s]).abs() < 1e-5, "layer {l} weight of {s:?}");
+                }
+            }
+            // The method's stages: same layers, same kept shares.
+            let stages = |plan: &tokenfold_fold::Plan| {
+                plan.stages
+                    .iter()
+                    .map(|st| (st.layer, (st.keep.unwrap() * 1e6).round()))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(stages(&method_plan), stages(&seed.plan));
+            let n0 = g.n0();
+            assert!(seed.plan.equivalent_share(g.n_layers, n0, g.grid) <= budget + 1e-12);
+        }
+    }
+}
+
+#[test]
+fn target_logits_follow_the_answers_through_a_reduction_plan() {
+    let model = tiny_model();
+    let g = Geometry::of(&model.config);
+    let batch = tiny_batch(&model, 8);
+    let (full, targets, samples) = model
+        .target_logits(&batch, &mut tokenfold_model::NoHook)
+        .unwrap();
+    // A plan that keeps every token is the unreduced model.
+    let keep_all = tokenfold_fold::Plan::full();
+    let mut hook = tokenfold_fold::FoldHook::new(&model, &keep_all);
+    let (same, _, _) = model.target_logits(&batch, &mut hook).unwrap();
+    let diff = (&full - &same).unwrap().abs().unwrap().max_all().unwrap();
+    assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+    // A plan that removes tokens answers at the same targets, with other logits.
+    let plan = tokenfold_fold::budget::fit(tokenfold_fold::Method::Fastv, 0.3, g).unwrap();
+    let mut hook = tokenfold_fold::FoldHook::new(&model, &plan);
+    hook.prompt_ends = Some(batch.prompt_lens.iter().map(|&p| p as u32 - 1).collect());
+    let (reduced, reduced_targets, reduced_samples) =
+        model.target_logits(&batch, &mut hook).unwrap();
+    assert_eq!(reduced.dims(), full.dims());
+    assert_eq!(
+        reduced_targets.to_vec1::<u32>().unwrap(),
+        targets.to_vec1::<u32>().unwrap()
+    );
+    assert_eq!(reduced_samples, samples);
+    let diff = (&full - &reduced)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
+    assert!(diff.to_scalar::<f32>().unwrap() > 1e-4);
+}
+
+#[test]
+fn a_seeded_search_emits_the_best_plan_on_held_out_batches() {
+    let model = tiny_model();
+    let g = Geometry::of(&model.config);
+    let mut config = SearchConfig::new(0.3);
+    config.steps = 4;
+    config.seed_steps = 3;
+    config.selection_batches = 2;
+    config.batch_size = 4;
+    let mut asked = Vec::new();
+    let mut steps = 0;
+    let report = search(
+        &model,
+        &config,
+        |i| {
+            asked.push(i);
+            Ok(tiny_batch(&model, i as u64))
+        },
+        |_| steps += 1,
+    )
+    .unwrap();
+    // Selection batches come after the search's own: indices 4 and 5.
+    assert!(asked.contains(&4) && asked.contains(&5) && !asked.contains(&6));
+    assert_eq!(steps, 4 + 3);
+    let seeded = report.seeded.as_ref().expect("a seeded run");
+    assert_eq!(seeded.trajectory.len(), 3);
+    // Candidates: the neutral search, the two seeds, the seeded search.
+    let names: Vec<&str> = report.candidates.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names.len(), 4, "{names:?}");
+    assert!(names.contains(&"searched-30.0%"));
+    assert!(names.contains(&"dart-unified"));
+    assert!(names.contains(&format!("searched-30.0%-from-{}", seeded.seed).as_str()));
+    // The best: highest exact match on the selection batches, then the lowest objective.
+    let best = report
+        .candidates
+        .iter()
+        .max_by(|a, b| {
+            a.selection_accuracy
+                .total_cmp(&b.selection_accuracy)
+                .then(b.selection_loss.total_cmp(&a.selection_loss))
+        })
+        .unwrap();
+    assert!(
+        report
+            .candidates
+            .iter()
+            .all(|c| (0.0..=1.0).contains(&c.selection_accuracy))
+    );
+    assert_eq!(report.chosen, best.name);
+    assert_eq!(report.plan, best.plan);
+    assert!(
+        report
+            .candidates
+            .iter()
+            .all(|c| c.selection_loss.is_finite())
+    );
+    assert!(
+        report
+            .candidates
+            .iter()
+            .all(|c| c.plan_share <= 0.3 + 1e-12)
+    );
+    assert!(report.plan_share <= 0.3 + 1e-12);
+    report.plan.validate(g.n_layers).unwrap();
+    // The seeded run starts from its seed's layers.
+    let seed = crate::seed::seeds(0.3, g)
+        .into_iter()
+        .find(|s| s.method.name() == seeded.seed)
+        .unwrap();
+    assert_eq!(seeded.active, seed.active);
 }

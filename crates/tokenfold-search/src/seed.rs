@@ -1,0 +1,195 @@
+//! Seeds and selection.
+//!
+//! The hand-designed methods that the search space expresses exactly (the unified operator's presets with
+//! the space's signal source and candidates: FastV and DART) are points of that space,
+//! so the search can start from one of them as well as from its neutral start. Which start, and which of
+//! the plans found is emitted, is decided on held-out batches of the training split (never an evaluation
+//! split), each plan run as a hard plan: first by exact-match accuracy (what the comparison tables report),
+//! then by the search objective (answer cross-entropy plus the KL term).
+
+use candle_core::{D, Tensor};
+use tokenfold_data::Batch;
+use tokenfold_fold::budget::{Geometry, fit};
+use tokenfold_fold::unified::{Candidates, Source, preset};
+use tokenfold_fold::{FoldHook, Method, Plan, Stage};
+use tokenfold_model::NativeModel;
+
+use crate::error::Result;
+use crate::search::answer_terms;
+use crate::space::{LayerParams, SIGNALS, SpaceInit};
+
+/// A hand-designed plan at the budget, as unified stages, and the search variables that express it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Seed {
+    pub method: Method,
+    /// The method's plan at the budget, every stage as its unified preset.
+    pub plan: Plan,
+    /// Per layer: the parameters (keep ratio of the entering tokens, operator, signal weights).
+    pub layers: Vec<LayerParams>,
+    /// The layers with a stage.
+    pub active: Vec<bool>,
+}
+
+/// Signal weights below this are dropped from a plan; a seed gives the signals it does not use less.
+const ABSENT_WEIGHT: f64 = 1e-6;
+
+/// The seeds at `budget`: each hand-designed method whose fitted plan the space expresses exactly.
+pub fn seeds(budget: f64, geometry: Geometry) -> Vec<Seed> {
+    Method::ALL
+        .into_iter()
+        .filter_map(|method| seed(method, budget, geometry))
+        .collect()
+}
+
+/// `method`'s plan at `budget` as a seed, if every stage has a preset inside the search space: the
+/// previous layer's signals, every anchor a candidate, no window, DART's default pivots.
+pub fn seed(method: Method, budget: f64, geometry: Geometry) -> Option<Seed> {
+    let plan = fit(method, budget, geometry).ok()?;
+    let n0 = geometry.n0();
+    let neutral = SpaceInit::default();
+    let mut layers: Vec<LayerParams> = (0..geometry.n_layers)
+        .map(|_| LayerParams {
+            activation: 0.0,
+            keep: neutral.keep,
+            gamma: neutral.gamma,
+            tau: neutral.tau,
+            eta: neutral.eta,
+            rho: neutral.rho,
+            locality: neutral.locality,
+            weights: SIGNALS
+                .iter()
+                .map(|&s| (s, 1.0 / SIGNALS.len() as f64))
+                .collect(),
+        })
+        .collect();
+    let mut active = vec![false; geometry.n_layers];
+    let mut stages = Vec::new();
+    let mut entering = n0;
+    for stage in &plan.stages {
+        let unified = preset(stage, geometry, entering)?;
+        let op = unified.operator.clone()?;
+        let expressible = op.source == Source::Previous
+            && op.candidates == Candidates::All
+            && op.window.is_none()
+            && op.pivots.unwrap_or(4) == 4
+            && stage.layer < geometry.n_layers
+            && !active[stage.layer];
+        if !expressible {
+            return None;
+        }
+        let kept = (unified.keep.unwrap_or(1.0) * n0 as f64).round() as usize;
+        let total: f64 = op.signals.values().sum();
+        layers[stage.layer] = LayerParams {
+            activation: 1.0,
+            keep: kept as f64 / entering as f64,
+            gamma: op.gamma,
+            tau: op.tau.0,
+            eta: op.eta,
+            rho: op.rho,
+            locality: op.locality.map_or(0.0, |lambda| 1.0 / (lambda * lambda)),
+            weights: SIGNALS
+                .iter()
+                .map(|&s| {
+                    let w = op.signals.get(&s).copied().unwrap_or(0.0) / total;
+                    (s, w.max(ABSENT_WEIGHT))
+                })
+                .collect(),
+        };
+        active[stage.layer] = true;
+        entering = kept;
+        stages.push(Stage {
+            operator: Some(op),
+            ..unified
+        });
+    }
+    if stages.is_empty() {
+        return None;
+    }
+    Some(Seed {
+        method,
+        plan: Plan {
+            name: format!("{}-unified", method.name()),
+            proportional_attention: true,
+            stages,
+        },
+        layers,
+        active,
+    })
+}
+
+/// Held-out batches with the unreduced model's answer logits on them.
+pub struct Selection {
+    pub batches: Vec<Batch>,
+    references: Vec<Tensor>,
+    align: f64,
+}
+
+impl Selection {
+    pub fn new(frozen: &NativeModel, batches: Vec<Batch>, align: f64) -> Result<Selection> {
+        let references = batches
+            .iter()
+            .map(|b| Ok(frozen.target_logits(b, &mut tokenfold_model::NoHook)?.0))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Selection {
+            batches,
+            references,
+            align,
+        })
+    }
+
+    /// How `plan`, run as a hard plan, does on the batches: the search objective (answer cross-entropy +
+    /// align × KL to the unreduced model, averaged over batches) and the exact-match accuracy under
+    /// teacher forcing (every answer token, end of sequence included, is the argmax: exactly when greedy
+    /// decoding gives the reference answer).
+    pub fn score(&self, frozen: &NativeModel, plan: &Plan) -> Result<Score> {
+        let (mut objective, mut correct, mut samples_seen) = (0.0, 0usize, 0usize);
+        for (batch, reference) in self.batches.iter().zip(&self.references) {
+            let mut hook = FoldHook::new(frozen, plan);
+            hook.prompt_ends = Some(
+                batch
+                    .prompt_lens
+                    .iter()
+                    .map(|&p| p.saturating_sub(1) as u32)
+                    .collect(),
+            );
+            let (logits, targets, samples) = frozen.target_logits(batch, &mut hook)?;
+            let (ce, kl) = answer_terms(
+                &logits,
+                reference,
+                &targets,
+                &samples,
+                batch.batch_size,
+                self.align,
+            )?;
+            objective += (ce + (kl * self.align)?)?.to_scalar::<f32>()? as f64;
+            let predicted: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
+            let targets: Vec<u32> = targets.to_vec1()?;
+            let mut right = vec![None::<bool>; batch.batch_size];
+            for ((&s, p), t) in samples.iter().zip(&predicted).zip(&targets) {
+                let r = right[s].get_or_insert(true);
+                *r &= p == t;
+            }
+            correct += right.iter().filter(|r| **r == Some(true)).count();
+            samples_seen += right.iter().filter(|r| r.is_some()).count();
+        }
+        Ok(Score {
+            objective: objective / self.batches.len().max(1) as f64,
+            accuracy: correct as f64 / samples_seen.max(1) as f64,
+        })
+    }
+}
+
+/// A plan's result on the selection batches.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Score {
+    pub objective: f64,
+    pub accuracy: f64,
+}
+
+impl Score {
+    /// Higher accuracy first (what the comparison tables report), then the lower objective.
+    pub fn better_than(&self, other: &Score) -> bool {
+        self.accuracy > other.accuracy
+            || (self.accuracy == other.accuracy && self.objective < other.objective)
+    }
+}
