@@ -197,6 +197,16 @@ pub struct Candidate {
     pub plan: Plan,
 }
 
+/// Each sample's last prompt token: where the signals that read the prompt take their query (the
+/// answers follow it in a training batch).
+pub(crate) fn prompt_ends(batch: &Batch) -> Vec<u32> {
+    batch
+        .prompt_lens
+        .iter()
+        .map(|&p| p.saturating_sub(1) as u32)
+        .collect()
+}
+
 /// Answer-token loss terms of one batch: the per-sample-mean cross-entropy and KL to `reference`.
 pub(crate) fn answer_terms(
     logits: &Tensor,
@@ -649,14 +659,9 @@ fn optimise(
         let progress_share = step as f64 / (steps.max(2) - 1) as f64;
         let temperature = temperature.0 * (temperature.1 / temperature.0).powf(progress_share);
         let batch = batches(step)?;
-        let prompt_ends: Vec<u32> = batch
-            .prompt_lens
-            .iter()
-            .map(|&p| p.saturating_sub(1) as u32)
-            .collect();
         let (reference, targets, samples) =
             frozen.target_logits(&batch, &mut tokenfold_model::NoHook)?;
-        let mut hook = SoftHook::new(frozen, space, &template, prompt_ends);
+        let mut hook = SoftHook::new(frozen, space, &template, prompt_ends(&batch));
         hook.temperature = temperature;
         hook.activation = active.clone();
         hook.shift = Some(shift);

@@ -15,7 +15,7 @@ use tokenfold_fold::{FoldHook, Method, Plan, Stage};
 use tokenfold_model::NativeModel;
 
 use crate::error::Result;
-use crate::search::answer_terms;
+use crate::search::{answer_terms, prompt_ends};
 use crate::space::{LayerParams, SIGNALS, SpaceInit};
 
 /// A hand-designed plan at the budget, as unified stages, and the search variables that express it.
@@ -145,13 +145,7 @@ impl Selection {
         let (mut objective, mut correct, mut samples_seen) = (0.0, 0usize, 0usize);
         for (batch, reference) in self.batches.iter().zip(&self.references) {
             let mut hook = FoldHook::new(frozen, plan);
-            hook.prompt_ends = Some(
-                batch
-                    .prompt_lens
-                    .iter()
-                    .map(|&p| p.saturating_sub(1) as u32)
-                    .collect(),
-            );
+            hook.prompt_ends = Some(prompt_ends(batch));
             let (logits, targets, samples) = frozen.target_logits(batch, &mut hook)?;
             let (ce, kl) = answer_terms(
                 &logits,
