@@ -51,7 +51,7 @@ pub struct SearchArgs {
     #[arg(long, default_value_t = 150)]
     pub seed_steps: usize,
     /// Held-out training-split batches that rank the seeds and pick the plan emitted.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 128)]
     pub selection_batches: usize,
 }
 

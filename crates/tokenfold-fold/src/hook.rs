@@ -536,14 +536,15 @@ impl<'a> FoldHook<'a> {
 
     /// Every sample's `signals` over its valid visual rows, with the key metric (keys averaged over heads)
     /// and grid cells of those rows, from the queries and keys `qk` of `state`; `targets` gives each
-    /// sample's kept count (DART's quotas and the grid stride depend on it). Call [`Self::read_layout`]
-    /// first.
+    /// sample's kept count (DART's quotas and the grid stride depend on it) and `pivots` DART's pivots per
+    /// side. Call [`Self::read_layout`] first.
     pub fn signals(
         &self,
         state: &SeqState,
         qk: &QueriesKeys,
         signals: &[Signal],
         targets: &[usize],
+        pivots: usize,
     ) -> Result<Vec<SampleSignals>> {
         let b = state.batch();
         let normed: Option<Vec<Vec<Vec<f32>>>> = if signals.contains(&Signal::Duplication) {
@@ -573,7 +574,7 @@ impl<'a> FoldHook<'a> {
                 let target = targets.get(s).copied().unwrap_or(1).clamp(1, visual.len());
                 let values = signals
                     .iter()
-                    .map(|&sig| Ok((sig, self.signal(sig, &inputs, target, 4, None)?)))
+                    .map(|&sig| Ok((sig, self.signal(sig, &inputs, target, pivots, None)?)))
                     .collect::<Result<Vec<_>>>()?;
                 Ok(SampleSignals {
                     metric: qk.key_metric(s, &visual),
@@ -608,7 +609,7 @@ impl<'a> FoldHook<'a> {
             ..
         } = *inputs;
         let n = visual.len();
-        let pivots = stage.pivots.unwrap_or(4);
+        let pivots = stage.pivots.unwrap_or(DART_PIVOTS);
         let signal = |signal: Signal| self.signal(signal, inputs, target, pivots, stage.window);
         let qk =
             || qk.ok_or_else(|| candle_core::Error::Msg("the stage needs queries and keys".into()));
@@ -663,7 +664,7 @@ impl<'a> FoldHook<'a> {
                 let op = stage.operator.as_ref().ok_or_else(|| {
                     candle_core::Error::Msg("a unified stage needs its operator".into())
                 })?;
-                let pivots = op.pivots.unwrap_or(4);
+                let pivots = op.pivots.unwrap_or(DART_PIVOTS);
                 let signals = op
                     .active_signals()
                     .into_iter()
@@ -901,6 +902,9 @@ pub fn sparsevlm_recycle(scores: &[f32], target: usize, metric: &Matrix) -> Assi
     groups.extend(ops::dpc_knn(metric, &best, clusters, 7));
     Assignment::groups(n, &groups)
 }
+
+/// DART's pivots per side (image and text) when a stage does not name them: the paper's 4 + 4.
+pub const DART_PIVOTS: usize = 4;
 
 /// DART: pivots are the `pivots` image tokens and `pivots` text tokens with the largest key L1 norms;
 /// for each pivot in turn (image pivots, then text, by decreasing norm), the candidates least similar to it

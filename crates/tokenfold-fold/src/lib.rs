@@ -30,7 +30,7 @@ pub mod unified;
 mod tests;
 
 pub use error::{FoldError, Result};
-pub use hook::{FoldHook, SampleSignals, Trace};
+pub use hook::{DART_PIVOTS, FoldHook, SampleSignals, Trace};
 pub use plan::{Method, Plan, Stage};
 
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so a reader never

@@ -356,10 +356,11 @@ impl<'a> SoftHook<'a> {
         state: &SeqState,
         qk: &QueriesKeys,
         targets: &[usize],
+        pivots: usize,
     ) -> Result<StageInputs> {
         let (b, t) = (state.batch(), state.len());
         let k = SIGNALS.len();
-        let per_sample = self.signals.signals(state, qk, &SIGNALS, targets)?;
+        let per_sample = self.signals.signals(state, qk, &SIGNALS, targets, pivots)?;
         let mut z = vec![0f32; b * t * k];
         let mut cos = vec![0f32; b * t * t];
         for (s, sample) in per_sample.iter().enumerate() {
@@ -429,7 +430,7 @@ impl LayerHook for SoftHook<'_> {
             .map(|row| ((keep * row.iter().sum::<f32>()).round() as usize).max(1))
             .collect();
         // The hidden states the signals see are the flow's (state.hidden is the same tensor).
-        let inputs = self.stage_inputs(state, &qk, &targets)?;
+        let inputs = self.stage_inputs(state, &qk, &targets, self.space.pivots[layer])?;
         let activation = match fixed {
             Some(true) => Tensor::new(1f32, state.hidden.device())?,
             _ => params.activation.clone(),

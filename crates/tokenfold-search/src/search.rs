@@ -17,19 +17,19 @@
 //! not exceed the budget (so the plan meets it, never above).
 //!
 //! **Seeds and selection** ([`crate::seed`]). With `seeds`, held-out batches of the training split rank the
-//! hand-designed plans the space expresses exactly; a second run starts from the best of them with its
-//! layers fixed, and the plan emitted is the best on those batches (exact-match accuracy, then the
-//! objective) among the neutral search's plan, the seeded search's plan and the seeds themselves.
+//! hand-designed plans the space expresses exactly; a second run starts from the best of them (thawed)
+//! with its layers fixed, and the plan emitted is the best on those batches (exact-match accuracy, then
+//! the objective) among the neutral search's plan, the seeded search's plan and the seeds themselves.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 use candle_core::{Result as CandleResult, Tensor};
 use serde::{Deserialize, Serialize};
 use tokenfold_data::Batch;
 use tokenfold_fold::budget::Geometry;
-use tokenfold_fold::unified::{Operator, Source, Tau};
-use tokenfold_fold::{Plan, Stage};
+use tokenfold_fold::unified::{Operator, Signal, Source, Tau};
+use tokenfold_fold::{DART_PIVOTS, Plan, Stage};
 use tokenfold_model::NativeModel;
 use tokenfold_model::ops::cross_entropy_rows;
 use tokenfold_model::optim::{AdamW, AdamWConfig};
@@ -84,7 +84,7 @@ impl SearchConfig {
             init: SpaceInit::default(),
             seeds: true,
             seed_steps: 150,
-            selection_batches: 32,
+            selection_batches: 128,
         }
     }
 
@@ -366,7 +366,12 @@ pub fn discretise(
         locality: (p.locality >= 1e-3).then(|| 1.0 / p.locality.sqrt()),
         window: None,
         candidates: Default::default(),
-        pivots: None,
+        // Only the duplication signal reads the pivots; the default stays implicit.
+        pivots: (p.pivots != DART_PIVOTS
+            && p.weights
+                .get(&Signal::Duplication)
+                .is_some_and(|&w| w >= 0.005))
+        .then_some(p.pivots),
     };
     loop {
         // Cumulative keep shares of the active layers.
@@ -538,7 +543,7 @@ pub fn search(
             }
         }
         if let Some((seed, _)) = best_seed {
-            let space = SearchSpace::from_layers(&seed.layers, model.device())?;
+            let space = SearchSpace::from_layers(&thaw(&seed.layers), model.device())?;
             // The seeded search tunes the seed's layers as they will run: the second phase of the
             // neutral search, with its half of the temperature schedule.
             let middle = (config.temperature.0 * config.temperature.1).sqrt();
@@ -554,7 +559,7 @@ pub fn search(
                 &mut progress,
                 &mut passes,
             )?;
-            let seeded_name = format!("{name}-from-{}", seed.method.name());
+            let seeded_name = format!("{name}-from-{}", seed.label());
             let plan = discretise(
                 &run.layers,
                 &run.active,
@@ -564,7 +569,7 @@ pub fn search(
             )?;
             scored.push((seeded_name, plan.clone(), selection.score(&frozen, &plan)?));
             seeded = Some(SeededRun {
-                seed: seed.method.name().to_string(),
+                seed: seed.label(),
                 trajectory: run.trajectory,
                 active: run.active,
                 plan,
@@ -605,6 +610,35 @@ pub fn search(
         forward_passes: passes.forwards,
         backward_passes: passes.backwards,
     })
+}
+
+/// The least a seeded search starts with of the transfer strength and of each signal weight.
+pub const THAW: f64 = 0.02;
+
+/// A seed's parameters moved off the edges of their maps, where the search could not move them: a
+/// pruning seed's γ = 0 is sigmoid(−∞) (its variable, clamped at logit(10⁻⁶), has a gradient of order
+/// 10⁻⁶ and would take hundreds of steps to free), and so are the signal weights it does not use. At
+/// least [`THAW`] of γ (τ and η then at the neutral start's) and of each signal weight. The seed's own
+/// signal keeps 0.9 of the weight, so it still decides the kept set at the start: DART's binary signal
+/// has a z-score gap of about 3 at small budgets, and the five others add at most 5 × 0.018 × 3.
+pub fn thaw(layers: &[LayerParams]) -> Vec<LayerParams> {
+    let neutral = SpaceInit::default();
+    layers
+        .iter()
+        .map(|p| {
+            let mut p = p.clone();
+            if p.gamma < THAW {
+                p.gamma = THAW;
+                p.tau = neutral.tau;
+                p.eta = neutral.eta;
+            }
+            let floor: BTreeMap<Signal, f64> =
+                p.weights.iter().map(|(&s, &w)| (s, w.max(THAW))).collect();
+            let total: f64 = floor.values().sum();
+            p.weights = floor.into_iter().map(|(s, w)| (s, w / total)).collect();
+            p
+        })
+        .collect()
 }
 
 #[derive(Default)]

@@ -11,7 +11,7 @@ use candle_core::{D, Tensor};
 use tokenfold_data::Batch;
 use tokenfold_fold::budget::{Geometry, fit};
 use tokenfold_fold::unified::{Candidates, Source, preset};
-use tokenfold_fold::{FoldHook, Method, Plan, Stage};
+use tokenfold_fold::{DART_PIVOTS, FoldHook, Method, Plan, Stage};
 use tokenfold_model::NativeModel;
 
 use crate::error::Result;
@@ -22,6 +22,8 @@ use crate::space::{LayerParams, SIGNALS, SpaceInit};
 #[derive(Debug, Clone, PartialEq)]
 pub struct Seed {
     pub method: Method,
+    /// DART's pivots per side when not the default [`DART_PIVOTS`].
+    pub pivots: Option<usize>,
     /// The method's plan at the budget, every stage as its unified preset.
     pub plan: Plan,
     /// Per layer: the parameters (keep ratio of the entering tokens, operator, signal weights).
@@ -33,18 +35,48 @@ pub struct Seed {
 /// Signal weights below this are dropped from a plan; a seed gives the signals it does not use less.
 const ABSENT_WEIGHT: f64 = 1e-6;
 
-/// The seeds at `budget`: each hand-designed method whose fitted plan the space expresses exactly.
+/// The pivot counts per side that DART's seeds take: the paper's 4, fewer and more. The count is the one
+/// discrete parameter of the duplication signal, so no gradient chooses it; the selection does. It
+/// decides much of the kept set: DART keeps min(pivots, K) image pivots (the largest key L1 norms), then
+/// spreads the rest over the image and text pivots, so from K pivots on it keeps the K largest key norms.
+/// The paper's count comes first, so that it wins a tie in the selection (at one kept token, every count
+/// keeps the same one).
+pub const DART_PIVOT_CHOICES: [usize; 6] = [4, 1, 2, 8, 16, 32];
+
+/// The seeds at `budget`: each hand-designed method whose fitted plan the space expresses exactly, DART
+/// at each of [`DART_PIVOT_CHOICES`].
 pub fn seeds(budget: f64, geometry: Geometry) -> Vec<Seed> {
     Method::ALL
         .into_iter()
-        .filter_map(|method| seed(method, budget, geometry))
+        .flat_map(|method| {
+            let pivots: Vec<Option<usize>> = if method == Method::Dart {
+                DART_PIVOT_CHOICES.iter().map(|&p| Some(p)).collect()
+            } else {
+                vec![None]
+            };
+            pivots
+                .into_iter()
+                .filter_map(move |p| seed(method, p, budget, geometry))
+        })
         .collect()
 }
 
-/// `method`'s plan at `budget` as a seed, if every stage has a preset inside the search space: the
-/// previous layer's signals, every anchor a candidate, no window, DART's default pivots.
-pub fn seed(method: Method, budget: f64, geometry: Geometry) -> Option<Seed> {
-    let plan = fit(method, budget, geometry).ok()?;
+/// `method`'s plan at `budget` (DART with `pivots` per side, if given) as a seed, if every stage has a
+/// preset inside the search space: the previous layer's signals, every anchor a candidate, no window.
+pub fn seed(
+    method: Method,
+    pivots: Option<usize>,
+    budget: f64,
+    geometry: Geometry,
+) -> Option<Seed> {
+    let pivots = pivots.filter(|&p| p != DART_PIVOTS);
+    let mut plan = fit(method, budget, geometry).ok()?;
+    if pivots.is_some() {
+        if method != Method::Dart {
+            return None;
+        }
+        plan.stages.iter_mut().for_each(|st| st.pivots = pivots);
+    }
     let n0 = geometry.n0();
     let neutral = SpaceInit::default();
     let mut layers: Vec<LayerParams> = (0..geometry.n_layers)
@@ -60,6 +92,7 @@ pub fn seed(method: Method, budget: f64, geometry: Geometry) -> Option<Seed> {
                 .iter()
                 .map(|&s| (s, 1.0 / SIGNALS.len() as f64))
                 .collect(),
+            pivots: pivots.unwrap_or(DART_PIVOTS),
         })
         .collect();
     let mut active = vec![false; geometry.n_layers];
@@ -71,7 +104,6 @@ pub fn seed(method: Method, budget: f64, geometry: Geometry) -> Option<Seed> {
         let expressible = op.source == Source::Previous
             && op.candidates == Candidates::All
             && op.window.is_none()
-            && op.pivots.unwrap_or(4) == 4
             && stage.layer < geometry.n_layers
             && !active[stage.layer];
         if !expressible {
@@ -94,6 +126,7 @@ pub fn seed(method: Method, budget: f64, geometry: Geometry) -> Option<Seed> {
                     (s, w.max(ABSENT_WEIGHT))
                 })
                 .collect(),
+            pivots: op.pivots.unwrap_or(DART_PIVOTS),
         };
         active[stage.layer] = true;
         entering = kept;
@@ -105,16 +138,32 @@ pub fn seed(method: Method, budget: f64, geometry: Geometry) -> Option<Seed> {
     if stages.is_empty() {
         return None;
     }
+    let label = match pivots {
+        Some(p) => format!("{}-p{p}", method.name()),
+        None => method.name().to_string(),
+    };
     Some(Seed {
         method,
+        pivots,
         plan: Plan {
-            name: format!("{}-unified", method.name()),
+            name: format!("{label}-unified"),
             proportional_attention: true,
             stages,
         },
         layers,
         active,
     })
+}
+
+impl Seed {
+    /// The method, with DART's pivots when not the default: `dart-p1`.
+    pub fn label(&self) -> String {
+        self.plan
+            .name
+            .strip_suffix("-unified")
+            .unwrap_or(&self.plan.name)
+            .to_string()
+    }
 }
 
 /// Held-out batches with the unreduced model's answer logits on them.

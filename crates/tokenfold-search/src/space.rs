@@ -11,11 +11,15 @@
 //! | `rho` | anchor re-weighting ρ | identity |
 //! | `locality` | spatial precision κ = 1/λ² | softplus |
 //! | `omega` (K per layer) | signal weights w | softmax |
+//!
+//! DART's pivot count, the one discrete parameter of the duplication signal, is fixed per layer (no
+//! gradient reaches it): the search's seeds and selection choose it.
 
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, IndexOp, Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
+use tokenfold_fold::DART_PIVOTS;
 use tokenfold_fold::unified::Signal;
 
 /// The signals the search mixes, in the order of `omega`'s columns.
@@ -63,6 +67,13 @@ pub struct LayerParams {
     /// κ = 1/λ².
     pub locality: f64,
     pub weights: BTreeMap<Signal, f64>,
+    /// DART's pivots per side for the duplication signal (fixed, not a variable).
+    #[serde(default = "default_pivots")]
+    pub pivots: usize,
+}
+
+fn default_pivots() -> usize {
+    DART_PIVOTS
 }
 
 fn logit(p: f64) -> f64 {
@@ -94,6 +105,8 @@ pub struct SearchSpace {
     pub locality: Var,
     /// (n_layers, K).
     pub omega: Var,
+    /// DART's pivots per side at each layer (fixed).
+    pub pivots: Vec<usize>,
 }
 
 /// One layer's parameters as tensors (scalars, and the K signal weights), differentiable in the variables.
@@ -135,6 +148,7 @@ impl SearchSpace {
             rho: filled(init.rho)?,
             locality: filled(locality.exp_m1().ln())?,
             omega: Var::from_tensor(&Tensor::zeros((n_layers, SIGNALS.len()), dtype, device)?)?,
+            pivots: vec![DART_PIVOTS; n_layers],
         })
     }
 
@@ -165,6 +179,7 @@ impl SearchSpace {
             rho: column(&|p| p.rho)?,
             locality: column(&|p| p.locality.max(1e-6).exp_m1().ln())?,
             omega: Var::from_tensor(&Tensor::from_vec(omega, (n_layers, SIGNALS.len()), device)?)?,
+            pivots: layers.iter().map(|p| p.pivots).collect(),
         })
     }
 
@@ -261,6 +276,7 @@ impl SearchSpace {
                     rho: scalar(&st.rho)?,
                     locality: scalar(&st.locality)?,
                     weights: SIGNALS.iter().zip(weights).map(|(&s, w)| (s, w)).collect(),
+                    pivots: self.pivots[l],
                 })
             })
             .collect()

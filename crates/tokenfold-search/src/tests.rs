@@ -9,8 +9,8 @@ use tokenfold_model::NativeModel;
 use tokenfold_model::config::{ModelConfig, Shape};
 use tokenfold_model::ops::MASKED;
 
-use crate::relax::{Flow, StageInputs, relaxed_stage, threshold};
-use crate::search::{SearchConfig, choose_active, discretise, search};
+use crate::relax::{Flow, SoftHook, StageInputs, relaxed_stage, threshold};
+use crate::search::{SearchConfig, choose_active, discretise, prompt_ends, search};
 use crate::space::{LayerParams, SIGNALS, SearchSpace, SpaceInit};
 
 /// One sample of `n` visual rows on a 4×4 grid followed by `text` text rows, with random signals, keys
@@ -282,6 +282,7 @@ fn params(keep: f64, activation: f64) -> LayerParams {
         rho: 0.0,
         locality: 0.0,
         weights: [(Signal::Last, 0.7), (Signal::Raters, 0.3)].into(),
+        pivots: tokenfold_fold::DART_PIVOTS,
     }
 }
 
@@ -547,18 +548,27 @@ fn plan_logits(model: &NativeModel, plan: &tokenfold_fold::Plan, batch: &Batch) 
 #[test]
 fn seeds_are_the_hand_designed_plans_the_space_expresses_exactly() {
     use crate::seed::seeds;
-    use tokenfold_fold::Method;
     let model = tiny_model();
     let g = Geometry::of(&model.config);
     let batch = tiny_batch(&model, 5);
     for budget in [0.3, 0.111] {
         let found = seeds(budget, g);
-        let methods: Vec<Method> = found.iter().map(|s| s.method).collect();
+        let labels: Vec<String> = found.iter().map(|s| s.label()).collect();
         // Pruning by the previous layer's signals; not PDrop (its own layer), SparseVLM (its plans
         // recycle), ToMe (bipartite candidates), pooling (a window), VisionZip, PruMerge+ or random draws.
-        assert_eq!(methods, [Method::Fastv, Method::Dart], "budget {budget}");
+        // DART at each pivot count, the default unnamed.
+        assert_eq!(
+            labels,
+            [
+                "fastv", "dart", "dart-p1", "dart-p2", "dart-p8", "dart-p16", "dart-p32"
+            ],
+            "budget {budget}"
+        );
         for seed in &found {
-            let method_plan = tokenfold_fold::budget::fit(seed.method, budget, g).unwrap();
+            let mut method_plan = tokenfold_fold::budget::fit(seed.method, budget, g).unwrap();
+            for stage in &mut method_plan.stages {
+                stage.pivots = seed.pivots;
+            }
             // The same plan: identical logits in the model.
             let (a, b) = (
                 plan_logits(&model, &method_plan, &batch),
@@ -594,6 +604,78 @@ fn seeds_are_the_hand_designed_plans_the_space_expresses_exactly() {
             assert_eq!(stages(&method_plan), stages(&seed.plan));
             let n0 = g.n0();
             assert!(seed.plan.equivalent_share(g.n_layers, n0, g.grid) <= budget + 1e-12);
+            // The search runs the seed, pivots included, as its plan: the soft hook with the seed's
+            // layers fixed (straight-through) gives the plan's answer logits.
+            let frozen = model.frozen().unwrap();
+            let template = crate::relax::template_plan();
+            let mut soft = SoftHook::new(&frozen, &space, &template, prompt_ends(&batch));
+            soft.activation = Some(seed.active.clone());
+            let (relaxed, _, _) = frozen.target_logits(&batch, &mut soft).unwrap();
+            let mut hard = tokenfold_fold::FoldHook::new(&frozen, &seed.plan);
+            hard.prompt_ends = Some(prompt_ends(&batch));
+            let (planned, _, _) = frozen.target_logits(&batch, &mut hard).unwrap();
+            let diff = (&relaxed - &planned)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap();
+            let diff = diff.to_scalar::<f32>().unwrap();
+            assert!(
+                diff < 1e-5,
+                "{}: soft hook against plan: {diff}",
+                seed.label()
+            );
+        }
+        // The pivot count changes DART's kept set: its seeds are not one plan. (At 11.1% the tiny
+        // model keeps a single token, which every variant takes as its first image pivot.)
+        if budget < 0.2 {
+            continue;
+        }
+        let variants: Vec<Vec<Vec<f32>>> = found
+            .iter()
+            .filter(|s| s.label().starts_with("dart"))
+            .map(|s| plan_logits(&model, &s.plan, &batch))
+            .collect();
+        assert!(
+            variants.iter().any(|v| *v != variants[0]),
+            "budget {budget}"
+        );
+    }
+}
+
+#[test]
+fn a_thawed_seed_can_move_and_keeps_its_own_signal_first() {
+    use crate::search::{THAW, thaw};
+    let model = tiny_model();
+    let g = Geometry::of(&model.config);
+    let seed = crate::seed::seeds(0.111, g)
+        .into_iter()
+        .find(|s| s.label() == "dart")
+        .unwrap();
+    let thawed = thaw(&seed.layers);
+    for (l, (p, q)) in seed.layers.iter().zip(&thawed).enumerate() {
+        if !seed.active[l] {
+            continue;
+        }
+        // A pruning seed: γ = 0, every weight on duplication.
+        assert_eq!(p.gamma, 0.0);
+        assert!(q.gamma >= THAW - 1e-12, "layer {l}: γ {}", q.gamma);
+        let total: f64 = q.weights.values().sum();
+        assert!((total - 1.0).abs() < 1e-12);
+        assert!(q.weights.values().all(|&w| w >= THAW / 1.2));
+        assert!(q.weights[&Signal::Duplication] > 0.85);
+        assert_eq!(
+            (q.keep, q.activation, q.pivots),
+            (p.keep, p.activation, p.pivots)
+        );
+    }
+    // The variables now sit where the maps have a gradient: they round-trip.
+    let space = SearchSpace::from_layers(&thawed, &Device::Cpu).unwrap();
+    for (l, (p, q)) in thawed.iter().zip(space.snapshot(0.0).unwrap()).enumerate() {
+        assert!((p.gamma - q.gamma).abs() < 1e-5, "layer {l}");
+        for (s, w) in &p.weights {
+            assert!((w - q.weights[s]).abs() < 1e-5, "layer {l}: {s:?}");
         }
     }
 }
@@ -659,11 +741,12 @@ fn a_seeded_search_emits_the_best_plan_on_held_out_batches() {
     assert_eq!(steps, 4 + 3);
     let seeded = report.seeded.as_ref().expect("a seeded run");
     assert_eq!(seeded.trajectory.len(), 3);
-    // Candidates: the neutral search, the two seeds, the seeded search.
+    // Candidates: the neutral search, the seven seeds, the seeded search.
     let names: Vec<&str> = report.candidates.iter().map(|c| c.name.as_str()).collect();
-    assert_eq!(names.len(), 4, "{names:?}");
+    assert_eq!(names.len(), 9, "{names:?}");
     assert!(names.contains(&"searched-30.0%"));
     assert!(names.contains(&"dart-unified"));
+    assert!(names.contains(&"dart-p8-unified"));
     assert!(names.contains(&format!("searched-30.0%-from-{}", seeded.seed).as_str()));
     // The best: highest exact match on the selection batches, then the lowest objective.
     let best = report
@@ -700,7 +783,7 @@ fn a_seeded_search_emits_the_best_plan_on_held_out_batches() {
     // The seeded run starts from its seed's layers.
     let seed = crate::seed::seeds(0.3, g)
         .into_iter()
-        .find(|s| s.method.name() == seeded.seed)
+        .find(|s| s.label() == seeded.seed)
         .unwrap();
     assert_eq!(seeded.active, seed.active);
 }
