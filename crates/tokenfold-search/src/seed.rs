@@ -138,15 +138,11 @@ pub fn seed(
     if stages.is_empty() {
         return None;
     }
-    let label = match pivots {
-        Some(p) => format!("{}-p{p}", method.name()),
-        None => method.name().to_string(),
-    };
     Some(Seed {
         method,
         pivots,
         plan: Plan {
-            name: format!("{label}-unified"),
+            name: format!("{}-unified", label(method, pivots)),
             proportional_attention: true,
             stages,
         },
@@ -158,11 +154,14 @@ pub fn seed(
 impl Seed {
     /// The method, with DART's pivots when not the default: `dart-p1`.
     pub fn label(&self) -> String {
-        self.plan
-            .name
-            .strip_suffix("-unified")
-            .unwrap_or(&self.plan.name)
-            .to_string()
+        label(self.method, self.pivots)
+    }
+}
+
+fn label(method: Method, pivots: Option<usize>) -> String {
+    match pivots {
+        Some(p) => format!("{}-p{p}", method.name()),
+        None => method.name().to_string(),
     }
 }
 
