@@ -53,6 +53,10 @@ pub struct SearchArgs {
     /// Held-out training-split batches that rank the seeds and pick the plan emitted.
     #[arg(long, default_value_t = 128)]
     pub selection_batches: usize,
+    /// Rounds of the hill-climb over the best seed's schedule (visual tokens per layer) on the
+    /// selection batches; 0 keeps the seed's own schedule.
+    #[arg(long, default_value_t = 3)]
+    pub schedule_rounds: usize,
 }
 
 pub fn report_path(plan: &Path) -> PathBuf {
@@ -79,6 +83,7 @@ pub fn run(args: SearchArgs, paths: &DataPaths) -> Result<()> {
     config.seeds = !args.no_seeds;
     config.seed_steps = args.seed_steps;
     config.selection_batches = args.selection_batches;
+    config.schedule_rounds = args.schedule_rounds;
     config.validate()?;
     let device = default_device()?;
     let (model, tokenizer, run) = RunDir::new(&args.model)
@@ -207,6 +212,19 @@ fn print_summary(report: &SearchReport) {
                 100.0 * c.plan_share,
                 100.0 * c.selection_accuracy,
                 c.selection_loss
+            );
+        }
+    }
+    if !report.schedules.is_empty() {
+        println!("\n| schedule of the best seed (tokens per layer) | exact match | objective |");
+        println!("|---|---:|---:|");
+        for s in &report.schedules {
+            let counts: Vec<String> = s.counts.iter().map(|c| c.to_string()).collect();
+            println!(
+                "| {} | {:.1}% | {:.4} |",
+                counts.join(" / "),
+                100.0 * s.selection_accuracy,
+                s.selection_loss
             );
         }
     }

@@ -9,7 +9,8 @@
 //! - [`relax`]: the relaxed operator (soft top-k, soft transfer, expected activation) inside the forward
 //!   pass;
 //! - [`search`]: objective, constraints, phases, and the discrete plan with its report;
-//! - [`seed`]: hand-designed plans as starting points, and the held-out selection of the plan emitted.
+//! - [`seed`]: hand-designed plans as starting points, the hill-climb over the best one's schedule (tokens
+//!   per layer), and the held-out selection of the plan emitted.
 //!
 //! `docs/operator-space.md` defines the space, its special cases and the relaxation.
 
@@ -24,6 +25,7 @@ mod tests;
 
 pub use error::{Result, SearchError};
 pub use search::{
-    Candidate, SearchConfig, SearchReport, SeededRun, StepRecord, discretise, search,
+    Candidate, ScoredSchedule, SearchConfig, SearchReport, SeededRun, StepRecord, discretise,
+    search,
 };
 pub use space::{LayerParams, SearchSpace, SpaceInit};

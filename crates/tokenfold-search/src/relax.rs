@@ -430,7 +430,19 @@ impl LayerHook for SoftHook<'_> {
             .map(|row| ((keep * row.iter().sum::<f32>()).round() as usize).max(1))
             .collect();
         // The hidden states the signals see are the flow's (state.hidden is the same tensor).
-        let inputs = self.stage_inputs(state, &qk, &targets, self.space.pivots[layer])?;
+        // Straight-through, presence is 0 or 1 and the signals see only the tokens still present, as the
+        // plan's stage does: DART's pivots and duplication depend on which tokens are there, not only on
+        // each token's own value.
+        let inputs = if fixed.is_some() {
+            let mut present = state.clone();
+            let rows = presence.iter().flatten();
+            for ((valid, &image), &m) in present.valid.iter_mut().zip(&state.is_image).zip(rows) {
+                *valid &= !image || m > 0.5;
+            }
+            self.stage_inputs(&present, &qk, &targets, self.space.pivots[layer])?
+        } else {
+            self.stage_inputs(state, &qk, &targets, self.space.pivots[layer])?
+        };
         let activation = match fixed {
             Some(true) => Tensor::new(1f32, state.hidden.device())?,
             _ => params.activation.clone(),

@@ -17,9 +17,11 @@
 //! not exceed the budget (so the plan meets it, never above).
 //!
 //! **Seeds and selection** ([`crate::seed`]). With `seeds`, held-out batches of the training split rank the
-//! hand-designed plans the space expresses exactly; a second run starts from the best of them (thawed)
-//! with its layers fixed, and the plan emitted is the best on those batches (exact-match accuracy, then
-//! the objective) among the neutral search's plan, the seeded search's plan and the seeds themselves.
+//! hand-designed plans the space expresses exactly; a hill-climb on the same batches moves the best one's
+//! schedule (tokens per layer, one token at a time); a second run starts from that seed and schedule
+//! (thawed) with its layers fixed, and the plan emitted is the best on those batches (exact-match
+//! accuracy, then the objective) among the neutral search's plan, the seeded search's plan, the seeds
+//! and the best seed on its schedule.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
@@ -36,7 +38,7 @@ use tokenfold_model::optim::{AdamW, AdamWConfig};
 
 use crate::error::{Result, SearchError};
 use crate::relax::{SoftHook, kl_rows, template_plan};
-use crate::seed::{Score, Seed, Selection, seeds};
+use crate::seed::{Refined, Score, Seed, Selection, refine_schedule, seeds};
 use crate::space::{LayerParams, SearchSpace, SpaceInit};
 
 /// Settings of one search.
@@ -67,6 +69,9 @@ pub struct SearchConfig {
     /// Held-out training-split batches that rank the seeds and the plans.
     #[serde(default)]
     pub selection_batches: usize,
+    /// Rounds of the schedule hill-climb from the best seed (0: the seed's own schedule).
+    #[serde(default)]
+    pub schedule_rounds: usize,
 }
 
 impl SearchConfig {
@@ -85,6 +90,7 @@ impl SearchConfig {
             seeds: true,
             seed_steps: 150,
             selection_batches: 128,
+            schedule_rounds: 3,
         }
     }
 
@@ -163,6 +169,9 @@ pub struct SearchReport {
     /// Every plan considered (the searched ones and the seeds) with its loss on the selection batches.
     #[serde(default)]
     pub candidates: Vec<Candidate>,
+    /// Every schedule the hill-climb from the best seed scored, in order (the seed's own first).
+    #[serde(default)]
+    pub schedules: Vec<ScoredSchedule>,
     /// The name of the plan emitted.
     #[serde(default)]
     pub chosen: String,
@@ -183,6 +192,15 @@ pub struct SeededRun {
     pub trajectory: Vec<StepRecord>,
     pub active: Vec<bool>,
     pub plan: Plan,
+}
+
+/// A schedule of the best seed's operator and its result on the selection batches.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScoredSchedule {
+    /// Visual tokens through each layer.
+    pub counts: Vec<usize>,
+    pub selection_loss: f64,
+    pub selection_accuracy: f64,
 }
 
 /// A plan considered for emission.
@@ -522,6 +540,7 @@ pub fn search(
         &name,
     )?;
     let mut candidates = Vec::new();
+    let mut schedules = Vec::new();
     let mut seeded = None;
     let mut chosen_plan = plan.clone();
     let mut chosen = name.clone();
@@ -542,7 +561,32 @@ pub fn search(
                 best_seed = Some((seed, score));
             }
         }
-        if let Some((seed, _)) = best_seed {
+        if let Some((seed, score)) = best_seed {
+            let Refined { seed, score, tried } = refine_schedule(
+                &frozen,
+                &selection,
+                &seed,
+                score,
+                config.budget,
+                geometry,
+                config.schedule_rounds,
+            )?;
+            let evaluated = tried.len() - 1;
+            schedules = tried
+                .into_iter()
+                .map(|(counts, s)| ScoredSchedule {
+                    counts,
+                    selection_loss: s.objective,
+                    selection_accuracy: s.accuracy,
+                })
+                .collect();
+            // Every schedule after the seed's own was one pass over the selection batches; the one
+            // reached becomes a candidate without another.
+            let moved = seed.schedule.is_some();
+            passes.forwards += selection.batches.len() * (evaluated - usize::from(moved));
+            if moved {
+                scored.push((seed.plan.name.clone(), seed.plan.clone(), score));
+            }
             let space = SearchSpace::from_layers(&thaw(&seed.layers), model.device())?;
             // The seeded search tunes the seed's layers as they will run: the second phase of the
             // neutral search, with its half of the temperature schedule.
@@ -603,6 +647,7 @@ pub fn search(
         active: neutral.active,
         seeded,
         candidates,
+        schedules,
         chosen,
         plan: chosen_plan,
         plan_share,

@@ -1,11 +1,12 @@
 //! Seeds and selection.
 //!
 //! The hand-designed methods that the search space expresses exactly (the unified operator's presets with
-//! the space's signal source and candidates: FastV and DART) are points of that space,
-//! so the search can start from one of them as well as from its neutral start. Which start, and which of
-//! the plans found is emitted, is decided on held-out batches of the training split (never an evaluation
-//! split), each plan run as a hard plan: first by exact-match accuracy (what the comparison tables report),
-//! then by the search objective (answer cross-entropy plus the KL term).
+//! the space's signal source and candidates: FastV and DART) are points of that space, so the search can
+//! start from one of them as well as from its neutral start. The best one's schedule (the visual tokens
+//! each layer processes) is then moved a token at a time ([`refine_schedule`]). Which start, which
+//! schedule and which of the plans found is emitted are decided on held-out batches of the training split
+//! (never an evaluation split), each plan run as a hard plan: first by exact-match accuracy (what the
+//! comparison tables report), then by the search objective (answer cross-entropy plus the KL term).
 
 use candle_core::{D, Tensor};
 use tokenfold_data::Batch;
@@ -30,6 +31,9 @@ pub struct Seed {
     pub layers: Vec<LayerParams>,
     /// The layers with a stage.
     pub active: Vec<bool>,
+    /// The visual tokens each layer processes, when moved off the method's own schedule by
+    /// [`refine_schedule`].
+    pub schedule: Option<Vec<usize>>,
 }
 
 /// Signal weights below this are dropped from a plan; a seed gives the signals it does not use less.
@@ -142,27 +146,203 @@ pub fn seed(
         method,
         pivots,
         plan: Plan {
-            name: format!("{}-unified", label(method, pivots)),
+            name: format!("{}-unified", label(method, pivots, None)),
             proportional_attention: true,
             stages,
         },
         layers,
         active,
+        schedule: None,
     })
 }
 
 impl Seed {
-    /// The method, with DART's pivots when not the default: `dart-p1`.
+    /// The method, with DART's pivots when not the default and the schedule when moved: `dart-p1`,
+    /// `dart@2-2-2-1`.
     pub fn label(&self) -> String {
-        label(self.method, self.pivots)
+        label(self.method, self.pivots, self.schedule.as_deref())
+    }
+
+    /// The visual tokens each layer processes under the seed's plan.
+    pub fn counts(&self, geometry: Geometry) -> Vec<usize> {
+        self.plan
+            .planned_tokens(geometry.n_layers, geometry.n0(), geometry.grid)
+    }
+
+    /// The seed's operator run on another schedule: `counts[ℓ]` visual tokens through layer ℓ
+    /// (non-increasing, at least 1, at most n₀). A stage goes wherever the count drops, with the operator
+    /// and parameters of the seed's stage that governs that layer (the last one at or before it, else its
+    /// first). `None` if `counts` is not such a schedule. The label names the schedule when it is not
+    /// this seed's.
+    pub fn with_schedule(&self, counts: &[usize], geometry: Geometry) -> Option<Seed> {
+        let n0 = geometry.n0();
+        let valid = counts.len() == geometry.n_layers
+            && counts.iter().all(|&c| (1..=n0).contains(&c))
+            && counts.windows(2).all(|w| w[0] >= w[1]);
+        let first = self.plan.stages.first()?;
+        if !valid {
+            return None;
+        }
+        let governing = |layer: usize| {
+            self.plan
+                .stages
+                .iter()
+                .rev()
+                .find(|st| st.layer <= layer)
+                .unwrap_or(first)
+        };
+        let mut layers = self.layers.clone();
+        let mut active = vec![false; geometry.n_layers];
+        let mut stages = Vec::new();
+        let mut entering = n0;
+        for (layer, &count) in counts.iter().enumerate() {
+            let from = governing(layer);
+            if count < entering {
+                stages.push(Stage {
+                    layer,
+                    keep: Some(count as f64 / n0 as f64),
+                    ..from.clone()
+                });
+                layers[layer] = LayerParams {
+                    activation: 1.0,
+                    keep: count as f64 / entering as f64,
+                    ..self.layers[from.layer].clone()
+                };
+                active[layer] = true;
+            } else {
+                layers[layer].activation = 0.0;
+                layers[layer].keep = 1.0;
+            }
+            entering = count;
+        }
+        let schedule = (counts != self.counts(geometry)).then(|| counts.to_vec());
+        Some(Seed {
+            plan: Plan {
+                name: format!(
+                    "{}-unified",
+                    label(self.method, self.pivots, schedule.as_deref())
+                ),
+                stages,
+                ..self.plan.clone()
+            },
+            layers,
+            active,
+            schedule,
+            ..self.clone()
+        })
     }
 }
 
-fn label(method: Method, pivots: Option<usize>) -> String {
-    match pivots {
-        Some(p) => format!("{}-p{p}", method.name()),
-        None => method.name().to_string(),
+fn label(method: Method, pivots: Option<usize>, schedule: Option<&[usize]>) -> String {
+    let mut label = method.name().to_string();
+    if let Some(p) = pivots {
+        label += &format!("-p{p}");
     }
+    if let Some(counts) = schedule {
+        let counts: Vec<String> = counts.iter().map(|c| c.to_string()).collect();
+        label += &format!("@{}", counts.join("-"));
+    }
+    label
+}
+
+/// The schedules one move away from `counts` (visual tokens per layer) within `budget`: one more token
+/// through a run of consecutive layers [i, j) (the counts stay non-increasing and at most `n0`), paid for,
+/// if the budget needs it, by the fewest tokens taken from every layer from some b ≥ j on (at least one
+/// left). Moves only ever trade tokens between layers or spend unused budget, so from the flat schedules
+/// of the fitted methods they reach the front-loaded ones (more tokens early, fewer late) and fill a budget
+/// that a whole token per layer would exceed.
+pub fn neighbours(counts: &[usize], budget: f64, n0: usize) -> Vec<Vec<usize>> {
+    let n_layers = counts.len();
+    let fits =
+        |c: &[usize]| c.iter().sum::<usize>() as f64 / (n_layers * n0) as f64 <= budget + 1e-12;
+    let mut found: Vec<Vec<usize>> = Vec::new();
+    for i in 0..n_layers {
+        let ceiling = if i == 0 { n0 } else { counts[i - 1] };
+        if counts[i] + 1 > ceiling {
+            continue;
+        }
+        for j in i + 1..=n_layers {
+            let mut raised = counts.to_vec();
+            raised[i..j].iter_mut().for_each(|c| *c += 1);
+            if fits(&raised) {
+                found.push(raised);
+                continue;
+            }
+            for b in j..n_layers {
+                // Lowering a suffix keeps the counts non-increasing; the last count bounds d.
+                if let Some(moved) = (1..raised[n_layers - 1])
+                    .map(|d| {
+                        let mut moved = raised.clone();
+                        moved[b..].iter_mut().for_each(|c| *c -= d);
+                        moved
+                    })
+                    .find(|moved| fits(moved))
+                {
+                    found.push(moved);
+                }
+            }
+        }
+    }
+    let mut unique: Vec<Vec<usize>> = Vec::new();
+    for counts in found {
+        if !unique.contains(&counts) {
+            unique.push(counts);
+        }
+    }
+    unique
+}
+
+/// Where a schedule hill-climb ended.
+pub struct Refined {
+    /// The seed on the schedule reached (the seed itself if no move beat it).
+    pub seed: Seed,
+    pub score: Score,
+    /// Every schedule scored, in order, the seed's own first.
+    pub tried: Vec<(Vec<usize>, Score)>,
+}
+
+/// Hill-climbing over schedules with `seed`'s operator: each round scores every [`neighbours`] schedule
+/// on the selection batches and moves to the best if it beats the current one (accuracy, then objective);
+/// at most `rounds` rounds.
+pub fn refine_schedule(
+    frozen: &NativeModel,
+    selection: &Selection,
+    seed: &Seed,
+    score: Score,
+    budget: f64,
+    geometry: Geometry,
+    rounds: usize,
+) -> Result<Refined> {
+    let (mut current, mut current_score) = (seed.clone(), score);
+    let mut tried = vec![(seed.counts(geometry), score)];
+    for _ in 0..rounds {
+        let mut best: Option<(Seed, Score)> = None;
+        for counts in neighbours(&current.counts(geometry), budget, geometry.n0()) {
+            if tried.iter().any(|(c, _)| *c == counts) {
+                continue;
+            }
+            let Some(moved) = seed.with_schedule(&counts, geometry) else {
+                continue;
+            };
+            let s = selection.score(frozen, &moved.plan)?;
+            tried.push((counts, s));
+            if best.as_ref().is_none_or(|(_, b)| s.better_than(b)) {
+                best = Some((moved, s));
+            }
+        }
+        match best {
+            Some((moved, s)) if s.better_than(&current_score) => {
+                current = moved;
+                current_score = s;
+            }
+            _ => break,
+        }
+    }
+    Ok(Refined {
+        seed: current,
+        score: current_score,
+        tried,
+    })
 }
 
 /// Held-out batches with the unreduced model's answer logits on them.

@@ -545,6 +545,28 @@ fn plan_logits(model: &NativeModel, plan: &tokenfold_fold::Plan, batch: &Batch) 
         .unwrap()
 }
 
+/// The largest difference between the answer logits of the soft hook with `seed`'s layers fixed
+/// (straight-through, as the seeded search runs them) and those of its plan run by `FoldHook`.
+fn soft_against_plan(model: &NativeModel, seed: &crate::seed::Seed, batch: &Batch) -> f32 {
+    let frozen = model.frozen().unwrap();
+    let template = crate::relax::template_plan();
+    let space = SearchSpace::from_layers(&seed.layers, &Device::Cpu).unwrap();
+    let mut soft = SoftHook::new(&frozen, &space, &template, prompt_ends(batch));
+    soft.activation = Some(seed.active.clone());
+    let (relaxed, _, _) = frozen.target_logits(batch, &mut soft).unwrap();
+    let mut hard = tokenfold_fold::FoldHook::new(&frozen, &seed.plan);
+    hard.prompt_ends = Some(prompt_ends(batch));
+    let (planned, _, _) = frozen.target_logits(batch, &mut hard).unwrap();
+    (&relaxed - &planned)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 #[test]
 fn seeds_are_the_hand_designed_plans_the_space_expresses_exactly() {
     use crate::seed::seeds;
@@ -604,23 +626,8 @@ fn seeds_are_the_hand_designed_plans_the_space_expresses_exactly() {
             assert_eq!(stages(&method_plan), stages(&seed.plan));
             let n0 = g.n0();
             assert!(seed.plan.equivalent_share(g.n_layers, n0, g.grid) <= budget + 1e-12);
-            // The search runs the seed, pivots included, as its plan: the soft hook with the seed's
-            // layers fixed (straight-through) gives the plan's answer logits.
-            let frozen = model.frozen().unwrap();
-            let template = crate::relax::template_plan();
-            let mut soft = SoftHook::new(&frozen, &space, &template, prompt_ends(&batch));
-            soft.activation = Some(seed.active.clone());
-            let (relaxed, _, _) = frozen.target_logits(&batch, &mut soft).unwrap();
-            let mut hard = tokenfold_fold::FoldHook::new(&frozen, &seed.plan);
-            hard.prompt_ends = Some(prompt_ends(&batch));
-            let (planned, _, _) = frozen.target_logits(&batch, &mut hard).unwrap();
-            let diff = (&relaxed - &planned)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap();
-            let diff = diff.to_scalar::<f32>().unwrap();
+            // The search runs the seed, pivots included, as its plan.
+            let diff = soft_against_plan(&model, seed, &batch);
             assert!(
                 diff < 1e-5,
                 "{}: soft hook against plan: {diff}",
@@ -741,9 +748,20 @@ fn a_seeded_search_emits_the_best_plan_on_held_out_batches() {
     assert_eq!(steps, 4 + 3);
     let seeded = report.seeded.as_ref().expect("a seeded run");
     assert_eq!(seeded.trajectory.len(), 3);
-    // Candidates: the neutral search, the seven seeds, the seeded search.
+    // Candidates: the neutral search, the seven seeds, the best seed on the schedule its hill-climb
+    // reached (if it moved), the seeded search.
     let names: Vec<&str> = report.candidates.iter().map(|c| c.name.as_str()).collect();
-    assert_eq!(names.len(), 9, "{names:?}");
+    let moved = seeded.seed.contains('@');
+    assert_eq!(names.len(), 9 + usize::from(moved), "{names:?}");
+    // The hill-climb starts from the seed's own schedule and every schedule it scores fits the budget.
+    let n0 = g.n0();
+    assert!(!report.schedules.is_empty());
+    for s in &report.schedules {
+        assert_eq!(s.counts.len(), g.n_layers);
+        assert!(s.counts.windows(2).all(|w| w[0] >= w[1]));
+        assert!(s.counts.iter().sum::<usize>() as f64 <= 0.3 * (g.n_layers * n0) as f64 + 1e-9);
+        assert!((0.0..=1.0).contains(&s.selection_accuracy));
+    }
     assert!(names.contains(&"searched-30.0%"));
     assert!(names.contains(&"dart-unified"));
     assert!(names.contains(&"dart-p8-unified"));
@@ -780,10 +798,93 @@ fn a_seeded_search_emits_the_best_plan_on_held_out_batches() {
     );
     assert!(report.plan_share <= 0.3 + 1e-12);
     report.plan.validate(g.n_layers).unwrap();
-    // The seeded run starts from its seed's layers.
+    // The seeded run starts from its seed's layers, on the schedule the hill-climb reached.
+    let (method, schedule) = seeded.seed.split_once('@').unwrap_or((&seeded.seed, ""));
     let seed = crate::seed::seeds(0.3, g)
         .into_iter()
-        .find(|s| s.label() == seeded.seed)
+        .find(|s| s.label() == method)
         .unwrap();
+    assert_eq!(report.schedules[0].counts, seed.counts(g));
+    let seed = if moved {
+        let counts: Vec<usize> = schedule.split('-').map(|c| c.parse().unwrap()).collect();
+        assert!(report.schedules.iter().any(|s| s.counts == counts));
+        seed.with_schedule(&counts, g).unwrap()
+    } else {
+        seed
+    };
     assert_eq!(seeded.active, seed.active);
+}
+
+#[test]
+fn schedule_moves_trade_tokens_between_layers_within_the_budget() {
+    use crate::seed::neighbours;
+    // 2.8% of 64 tokens on 4 layers is 7.1 token-layers: one token per layer leaves three unused.
+    let sorted = |mut v: Vec<Vec<usize>>| {
+        v.sort();
+        v
+    };
+    assert_eq!(
+        sorted(neighbours(&[1, 1, 1, 1], 16.0 / 576.0, 64)),
+        [vec![2, 1, 1, 1], vec![2, 2, 1, 1], vec![2, 2, 2, 1]]
+    );
+    // 11.1% is 28.4 token-layers, and 7 per layer use 28: every move pays for its raise.
+    assert_eq!(
+        sorted(neighbours(&[7, 7, 7, 7], 64.0 / 576.0, 64)),
+        [
+            vec![8, 6, 6, 6],
+            vec![8, 7, 6, 6],
+            vec![8, 7, 7, 6],
+            vec![8, 8, 6, 6],
+            vec![8, 8, 7, 5],
+            vec![8, 8, 8, 4]
+        ]
+    );
+    // Counts never rise above the layer before or n₀, nor fall to 0.
+    assert_eq!(
+        sorted(neighbours(&[64, 3, 1], 0.5, 64)),
+        [vec![64, 3, 2], vec![64, 4, 1], vec![64, 4, 2]]
+    );
+    assert!(neighbours(&[1, 1], 0.01, 64).is_empty());
+}
+
+#[test]
+fn a_seed_on_another_schedule_runs_as_its_plan() {
+    use crate::seed::{neighbours, seeds};
+    let model = tiny_model();
+    let g = Geometry::of(&model.config);
+    let n0 = g.n0();
+    let batch = tiny_batch(&model, 6);
+    for seed in seeds(0.3, g)
+        .into_iter()
+        .filter(|s| ["fastv", "dart-p2"].contains(&s.label().as_str()))
+    {
+        let own = seed.counts(g);
+        assert_eq!(seed.with_schedule(&own, g).unwrap().plan, seed.plan);
+        let moves = neighbours(&own, 0.3, n0);
+        assert!(!moves.is_empty(), "{}", seed.label());
+        // The move with the most stages: the seed's operator at every layer where the count drops.
+        let counts = moves
+            .iter()
+            .max_by_key(|c| c.windows(2).filter(|w| w[1] < w[0]).count())
+            .unwrap();
+        let moved = seed.with_schedule(counts, g).unwrap();
+        assert_eq!(moved.plan.planned_tokens(g.n_layers, n0, g.grid), *counts);
+        assert!(moved.plan.equivalent_share(g.n_layers, n0, g.grid) <= 0.3 + 1e-12);
+        assert!(moved.plan.stages.len() >= 2, "{counts:?}");
+        assert!(moved.label().ends_with(&format!(
+            "@{}",
+            counts.iter().map(|c| c.to_string()).collect::<Vec<_>>().join("-")
+        )));
+        for stage in &moved.plan.stages {
+            assert_eq!(stage.operator, seed.plan.stages[0].operator);
+        }
+        // The search runs it as the plan.
+        let diff = soft_against_plan(&model, &moved, &batch);
+        assert!(diff < 1e-5, "{}: {diff}", moved.label());
+    }
+    // Not a schedule: rising, zero, or the wrong depth.
+    let seed = &seeds(0.3, g)[0];
+    assert!(seed.with_schedule(&[4, 5, 4, 4], g).is_none());
+    assert!(seed.with_schedule(&[4, 4, 4, 0], g).is_none());
+    assert!(seed.with_schedule(&[4, 4, 4], g).is_none());
 }
