@@ -571,20 +571,8 @@ pub fn search(
                 geometry,
                 config.schedule_rounds,
             )?;
-            let evaluated = tried.len() - 1;
-            schedules = tried
-                .into_iter()
-                .map(|(counts, s)| ScoredSchedule {
-                    counts,
-                    selection_loss: s.objective,
-                    selection_accuracy: s.accuracy,
-                })
-                .collect();
-            // Every schedule after the seed's own was one pass over the selection batches; the one
-            // reached becomes a candidate without another.
-            let moved = seed.schedule.is_some();
-            passes.forwards += selection.batches.len() * (evaluated - usize::from(moved));
-            if moved {
+            schedules = tried;
+            if seed.schedule.is_some() {
                 scored.push((seed.plan.name.clone(), seed.plan.clone(), score));
             }
             let space = SearchSpace::from_layers(&thaw(&seed.layers), model.device())?;
@@ -619,7 +607,7 @@ pub fn search(
                 plan,
             });
         }
-        passes.forwards += selection.batches.len() * (1 + scored.len());
+        passes.forwards += selection.forward_passes();
         let mut best = 0;
         for (i, (_, _, score)) in scored.iter().enumerate() {
             if score.better_than(&scored[best].2) {

@@ -8,6 +8,8 @@
 //! (never an evaluation split), each plan run as a hard plan: first by exact-match accuracy (what the
 //! comparison tables report), then by the search objective (answer cross-entropy plus the KL term).
 
+use std::cell::Cell;
+
 use candle_core::{D, Tensor};
 use tokenfold_data::Batch;
 use tokenfold_fold::budget::{Geometry, fit};
@@ -16,7 +18,7 @@ use tokenfold_fold::{DART_PIVOTS, FoldHook, Method, Plan, Stage};
 use tokenfold_model::NativeModel;
 
 use crate::error::Result;
-use crate::search::{answer_terms, prompt_ends};
+use crate::search::{ScoredSchedule, answer_terms, prompt_ends};
 use crate::space::{LayerParams, SIGNALS, SpaceInit};
 
 /// A hand-designed plan at the budget, as unified stages, and the search variables that express it.
@@ -298,7 +300,7 @@ pub struct Refined {
     pub seed: Seed,
     pub score: Score,
     /// Every schedule scored, in order, the seed's own first.
-    pub tried: Vec<(Vec<usize>, Score)>,
+    pub tried: Vec<ScoredSchedule>,
 }
 
 /// Hill-climbing over schedules with `seed`'s operator: each round scores every [`neighbours`] schedule
@@ -314,18 +316,23 @@ pub fn refine_schedule(
     rounds: usize,
 ) -> Result<Refined> {
     let (mut current, mut current_score) = (seed.clone(), score);
-    let mut tried = vec![(seed.counts(geometry), score)];
+    let scored = |counts: Vec<usize>, s: Score| ScoredSchedule {
+        counts,
+        selection_loss: s.objective,
+        selection_accuracy: s.accuracy,
+    };
+    let mut tried = vec![scored(seed.counts(geometry), score)];
     for _ in 0..rounds {
         let mut best: Option<(Seed, Score)> = None;
         for counts in neighbours(&current.counts(geometry), budget, geometry.n0()) {
-            if tried.iter().any(|(c, _)| *c == counts) {
+            if tried.iter().any(|t| t.counts == counts) {
                 continue;
             }
             let Some(moved) = seed.with_schedule(&counts, geometry) else {
                 continue;
             };
             let s = selection.score(frozen, &moved.plan)?;
-            tried.push((counts, s));
+            tried.push(scored(counts, s));
             if best.as_ref().is_none_or(|(_, b)| s.better_than(b)) {
                 best = Some((moved, s));
             }
@@ -350,6 +357,8 @@ pub struct Selection {
     pub batches: Vec<Batch>,
     references: Vec<Tensor>,
     align: f64,
+    /// Plans scored so far.
+    scored: Cell<usize>,
 }
 
 impl Selection {
@@ -362,7 +371,13 @@ impl Selection {
             batches,
             references,
             align,
+            scored: Cell::new(0),
         })
+    }
+
+    /// Forward passes run so far: the unreduced model's on every batch, then one per batch and plan scored.
+    pub fn forward_passes(&self) -> usize {
+        self.batches.len() * (1 + self.scored.get())
     }
 
     /// How `plan`, run as a hard plan, does on the batches: the search objective (answer cross-entropy +
@@ -370,6 +385,7 @@ impl Selection {
     /// teacher forcing (every answer token, end of sequence included, is the argmax: exactly when greedy
     /// decoding gives the reference answer).
     pub fn score(&self, frozen: &NativeModel, plan: &Plan) -> Result<Score> {
+        self.scored.set(self.scored.get() + 1);
         let (mut objective, mut correct, mut samples_seen) = (0.0, 0usize, 0usize);
         for (batch, reference) in self.batches.iter().zip(&self.references) {
             let mut hook = FoldHook::new(frozen, plan);
