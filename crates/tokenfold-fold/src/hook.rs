@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use candle_core::{Result, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 use tokenfold_model::{LayerHook, NativeModel, SeqState};
 
 use crate::ops::{self, Assignment, Matrix};
@@ -53,6 +54,10 @@ pub struct Trace {
     /// Σ over image samples of all tokens (text and visual) entering each layer, and of their squares.
     pub entering_all: Vec<u64>,
     pub entering_all_sq: Vec<f64>,
+    /// Σ over image samples of the rows each layer computes for them (the batch's padded length), and of
+    /// their squares: the work as executed, where `entering_all` counts the useful part.
+    pub computed_rows: Vec<u64>,
+    pub computed_rows_sq: Vec<f64>,
     /// Σ over image samples of prompt tokens before any reduction, and of their squares.
     pub prompt_tokens: u64,
     pub prompt_tokens_sq: f64,
@@ -112,6 +117,8 @@ impl<'a> FoldHook<'a> {
                 entering: vec![0; model.n_layers()],
                 entering_all: vec![0; model.n_layers()],
                 entering_all_sq: vec![0.0; model.n_layers()],
+                computed_rows: vec![0; model.n_layers()],
+                computed_rows_sq: vec![0.0; model.n_layers()],
                 ..Trace::default()
             },
             record_groups: false,
@@ -275,6 +282,8 @@ impl<'a> FoldHook<'a> {
             self.trace.entering[layer] += visual as u64;
             self.trace.entering_all[layer] += valid as u64;
             self.trace.entering_all_sq[layer] += (valid * valid) as f64;
+            self.trace.computed_rows[layer] += t as u64;
+            self.trace.computed_rows_sq[layer] += (t * t) as f64;
             if layer == 0 {
                 self.trace.samples += 1;
                 self.trace.visual_tokens += self.layouts[s].n0 as u64;
@@ -305,8 +314,9 @@ impl<'a> FoldHook<'a> {
             })?;
             Some(QueriesKeys::from_tensors(&q, &k)?)
         } else {
-            let (q, k) = self.model.layer_queries_keys(layer, state)?;
-            Some(QueriesKeys::from_tensors(&q, &k)?)
+            let rows = self.query_rows(stage, state);
+            let (k, q) = self.model.layer_keys_and_queries_at(layer, state, &rows)?;
+            Some(QueriesKeys::from_keys_and_rows(&k, q.as_ref(), &rows)?)
         };
         // DART compares final-normed hidden states.
         let needs_normed = stage.method == Method::Dart
@@ -314,16 +324,45 @@ impl<'a> FoldHook<'a> {
                 .operator
                 .as_ref()
                 .is_some_and(|op| op.uses(Signal::Duplication));
-        let normed: Option<Vec<Vec<Vec<f32>>>> = if needs_normed {
-            Some(self.model.final_norm(&state.hidden)?.to_vec3()?)
+        let normed: Option<Vec<f32>> = if needs_normed {
+            Some(
+                self.model
+                    .final_norm(&state.hidden)?
+                    .flatten_all()?
+                    .to_vec1()?,
+            )
         } else {
             None
         };
         let (b, t) = (state.batch(), state.len());
         let key_bias = host_key_bias(state)?;
+        // The samples' assignments are independent, so they are found in parallel; applying them updates
+        // the hook's per-sample state, in order.
+        let assignments: Vec<Option<Assignment>> = (0..b)
+            .into_par_iter()
+            .map(|s| {
+                let (layout, visual) = sample_view(state, key_bias.as_deref(), s);
+                let n = visual.len();
+                let target = stage.kept_count(n, self.layouts[s].n0, self.grid());
+                if n == 0 || (n <= target && stage.method != Method::Pool) {
+                    return Ok(None);
+                }
+                let positions: Vec<u32> = visual.iter().map(|&j| layout.positions[j]).collect();
+                let inputs = StageInputs {
+                    s,
+                    qk: qk.as_ref(),
+                    normed: normed.as_deref().map(|n| sample_rows(n, state, s)),
+                    layout: &layout,
+                    visual: &visual,
+                };
+                Ok(Some(
+                    self.assign(stage, &inputs, target)?.sorted_by(&positions),
+                ))
+            })
+            .collect::<Result<_>>()?;
         let mut samples: Vec<Vec<NewRow>> = Vec::with_capacity(b);
         let mut stage_groups: Vec<Vec<Vec<u32>>> = Vec::with_capacity(b);
-        for s in 0..b {
+        for (s, assignment) in assignments.into_iter().enumerate() {
             let (layout, visual) = sample_view(state, key_bias.as_deref(), s);
             let mut new_rows: Vec<NewRow> = (0..t)
                 .filter(|&j| layout.valid[j] && !layout.is_image[j])
@@ -331,12 +370,10 @@ impl<'a> FoldHook<'a> {
                 .collect();
             let sample = &self.layouts[s];
             let start = sample.image_start.unwrap_or(0);
-            let n = visual.len();
-            let target = stage.kept_count(n, sample.n0, self.grid());
             let positions: Vec<u32> = visual.iter().map(|&j| layout.positions[j]).collect();
             let size_of = |p: u32| self.sizes[s].get(&(p - start)).copied().unwrap_or(1.0);
             let boost_of = |p: u32| self.boosts[s].get(&(p - start)).copied().unwrap_or(0.0);
-            if n == 0 || (n <= target && stage.method != Method::Pool) {
+            let Some(assignment) = assignment else {
                 new_rows.extend(
                     visual
                         .iter()
@@ -356,81 +393,75 @@ impl<'a> FoldHook<'a> {
                             .collect(),
                     );
                 }
-            } else {
-                let inputs = StageInputs {
-                    s,
-                    qk: qk.as_ref(),
-                    normed: normed.as_ref().map(|n| &n[s]),
-                    layout: &layout,
-                    visual: &visual,
-                };
-                let assignment = self.assign(stage, &inputs, target)?.sorted_by(&positions);
-                let sizes_in: Vec<f32> = positions.iter().map(|&p| size_of(p)).collect();
-                let (mixing, sizes_new) = assignment.mixing(&sizes_in)?;
-                let new_positions: Vec<u32> = assignment
-                    .representative
+                new_rows.sort_by_key(|r| r.position);
+                samples.push(new_rows);
+                continue;
+            };
+            let sizes_in: Vec<f32> = positions.iter().map(|&p| size_of(p)).collect();
+            let (mixing, sizes_new) = assignment.mixing(&sizes_in)?;
+            let new_positions: Vec<u32> = assignment
+                .representative
+                .iter()
+                .map(|&r| positions[r])
+                .collect();
+            let boosts_new: Vec<f32> = new_positions
+                .iter()
+                .enumerate()
+                .map(|(j, &p)| boost_of(p) + assignment.boost.get(j).copied().unwrap_or(0.0))
+                .collect();
+            for (((mix, &p), &size), &boost) in mixing
+                .iter()
+                .zip(&new_positions)
+                .zip(&sizes_new)
+                .zip(&boosts_new)
+            {
+                new_rows.push(NewRow {
+                    position: p,
+                    is_image: true,
+                    size,
+                    boost,
+                    mix: mix.iter().map(|&(i, m)| (visual[i], m)).collect(),
+                });
+            }
+            if self.record_groups {
+                let groups: Vec<Vec<u32>> = assignment
+                    .rows
                     .iter()
-                    .map(|&r| positions[r])
+                    .zip(&assignment.representative)
+                    .map(|(row, &rep)| {
+                        let mut patches = self.members[s]
+                            .get(&(positions[rep] - start))
+                            .cloned()
+                            .unwrap_or_default();
+                        for &(i, _) in row.iter().filter(|(i, _)| *i != rep) {
+                            patches.extend(
+                                self.members[s]
+                                    .get(&(positions[i] - start))
+                                    .cloned()
+                                    .unwrap_or_default(),
+                            );
+                        }
+                        patches
+                    })
                     .collect();
-                let boosts_new: Vec<f32> = new_positions
-                    .iter()
-                    .enumerate()
-                    .map(|(j, &p)| boost_of(p) + assignment.boost.get(j).copied().unwrap_or(0.0))
-                    .collect();
-                for (((mix, &p), &size), &boost) in mixing
+                self.members[s] = groups
                     .iter()
                     .zip(&new_positions)
-                    .zip(&sizes_new)
-                    .zip(&boosts_new)
-                {
-                    new_rows.push(NewRow {
-                        position: p,
-                        is_image: true,
-                        size,
-                        boost,
-                        mix: mix.iter().map(|&(i, m)| (visual[i], m)).collect(),
-                    });
-                }
-                if self.record_groups {
-                    let groups: Vec<Vec<u32>> = assignment
-                        .rows
-                        .iter()
-                        .zip(&assignment.representative)
-                        .map(|(row, &rep)| {
-                            let mut patches = self.members[s]
-                                .get(&(positions[rep] - start))
-                                .cloned()
-                                .unwrap_or_default();
-                            for &(i, _) in row.iter().filter(|(i, _)| *i != rep) {
-                                patches.extend(
-                                    self.members[s]
-                                        .get(&(positions[i] - start))
-                                        .cloned()
-                                        .unwrap_or_default(),
-                                );
-                            }
-                            patches
-                        })
-                        .collect();
-                    self.members[s] = groups
-                        .iter()
-                        .zip(&new_positions)
-                        .map(|(g, &p)| (p - start, g.clone()))
-                        .collect();
-                    stage_groups.push(groups);
-                }
-                self.sizes[s] = new_positions
-                    .iter()
-                    .zip(&sizes_new)
-                    .map(|(&p, &size)| (p - start, size))
+                    .map(|(g, &p)| (p - start, g.clone()))
                     .collect();
-                self.boosts[s] = new_positions
-                    .iter()
-                    .zip(&boosts_new)
-                    .filter(|(_, b)| **b != 0.0)
-                    .map(|(&p, &b)| (p - start, b))
-                    .collect();
+                stage_groups.push(groups);
             }
+            self.sizes[s] = new_positions
+                .iter()
+                .zip(&sizes_new)
+                .map(|(&p, &size)| (p - start, size))
+                .collect();
+            self.boosts[s] = new_positions
+                .iter()
+                .zip(&boosts_new)
+                .filter(|(_, b)| **b != 0.0)
+                .map(|(&p, &b)| (p - start, b))
+                .collect();
             new_rows.sort_by_key(|r| r.position);
             samples.push(new_rows);
         }
@@ -438,6 +469,43 @@ impl<'a> FoldHook<'a> {
             self.groups.push((layer, stage_groups));
         }
         self.rebuild(state, &samples)
+    }
+
+    /// The flat rows (s·t + j) whose queries `stage` reads: each sample's last prompt token, summary
+    /// token and raters when a signal reads attention rows, and its visual rows when it reads the
+    /// attention the image receives (no summary token); none for signals of keys or hidden states.
+    fn query_rows(&self, stage: &Stage, state: &SeqState) -> Vec<usize> {
+        let signals: Vec<Signal> = match (&stage.operator, stage.method) {
+            (Some(op), Method::Unified) => {
+                op.active_signals().into_iter().map(|(s, _)| s).collect()
+            }
+            (_, Method::Fastv | Method::Pdrop) => vec![Signal::Last],
+            (_, Method::Sparsevlm) => vec![Signal::Raters],
+            (_, Method::Visionzip | Method::Prumerge) => vec![Signal::Summary],
+            _ => Vec::new(),
+        };
+        let reads_rows = signals
+            .iter()
+            .any(|s| matches!(s, Signal::Last | Signal::Raters | Signal::Summary));
+        if !reads_rows {
+            return Vec::new();
+        }
+        let reads_image = signals.contains(&Signal::Summary);
+        let t = state.len();
+        let mut rows = Vec::new();
+        for (s, sample) in self.layouts.iter().enumerate() {
+            let wanted = |j: usize| {
+                let at = s * t + j;
+                let position = state.positions[at];
+                state.valid[at]
+                    && (position == sample.query
+                        || Some(position) == sample.summary
+                        || sample.raters.contains(&position)
+                        || (reads_image && sample.summary.is_none() && state.is_image[at]))
+            };
+            rows.extend((0..t).filter(|&j| wanted(j)).map(|j| s * t + j));
+        }
+        rows
     }
 
     /// One ranking signal over a sample's visual rows (see [`Signal`]).
@@ -468,7 +536,7 @@ impl<'a> FoldHook<'a> {
         Ok(match signal {
             Signal::Last => match row_of(sample.query) {
                 Some(query) => {
-                    at_visual(qk()?.query_attention(s, layout, &[query], HeadReduce::Mean))
+                    at_visual(qk()?.query_attention(s, layout, &[query], HeadReduce::Mean)?)
                 }
                 None => vec![0.0; n],
             },
@@ -479,14 +547,14 @@ impl<'a> FoldHook<'a> {
                 } else {
                     raters
                 };
-                at_visual(qk()?.query_attention(s, layout, &raters, HeadReduce::Mean))
+                at_visual(qk()?.query_attention(s, layout, &raters, HeadReduce::Mean)?)
             }
             Signal::Summary => match sample.summary.and_then(row_of) {
                 Some(query) => {
-                    at_visual(qk()?.query_attention(s, layout, &[query], HeadReduce::Mean))
+                    at_visual(qk()?.query_attention(s, layout, &[query], HeadReduce::Mean)?)
                 }
                 // No summary token: attention received from all image queries (the SigLIP port).
-                None => at_visual(qk()?.attention_received(s, layout, visual)),
+                None => at_visual(qk()?.attention_received(s, layout, visual)?),
             },
             Signal::Duplication => {
                 let qk = qk()?;
@@ -504,12 +572,12 @@ impl<'a> FoldHook<'a> {
                     })
                     .collect();
                 let rows: Vec<usize> = visual.iter().chain(&text).copied().collect();
-                let cols = normed.first().map_or(0, Vec::len);
+                let cols = self.model.config.d_model;
                 let hidden = Matrix::new(
                     rows.len(),
                     cols,
                     rows.iter()
-                        .flat_map(|&j| normed[j].iter().copied())
+                        .flat_map(|&j| normed[j * cols..(j + 1) * cols].iter().copied())
                         .collect(),
                 );
                 let kept = dart(&hidden, &qk.key_l1(s, &rows), n, pivots, target);
@@ -547,8 +615,13 @@ impl<'a> FoldHook<'a> {
         pivots: usize,
     ) -> Result<Vec<SampleSignals>> {
         let b = state.batch();
-        let normed: Option<Vec<Vec<Vec<f32>>>> = if signals.contains(&Signal::Duplication) {
-            Some(self.model.final_norm(&state.hidden)?.to_vec3()?)
+        let normed: Option<Vec<f32>> = if signals.contains(&Signal::Duplication) {
+            Some(
+                self.model
+                    .final_norm(&state.hidden)?
+                    .flatten_all()?
+                    .to_vec1()?,
+            )
         } else {
             None
         };
@@ -567,7 +640,7 @@ impl<'a> FoldHook<'a> {
                 let inputs = StageInputs {
                     s,
                     qk: Some(qk),
-                    normed: normed.as_ref().map(|n| &n[s]),
+                    normed: normed.as_deref().map(|n| sample_rows(n, state, s)),
                     layout: &layout,
                     visual: &visual,
                 };
@@ -642,7 +715,7 @@ impl<'a> FoldHook<'a> {
                         } else {
                             HeadReduce::Mean
                         };
-                        let row = qk()?.query_attention(s, layout, &[query], heads);
+                        let row = qk()?.query_attention(s, layout, &[query], heads)?;
                         visual.iter().map(|&j| row[j]).collect()
                     }
                     None => signal(Signal::Summary)?,
@@ -774,7 +847,8 @@ impl NewRow {
 struct StageInputs<'a> {
     s: usize,
     qk: Option<&'a QueriesKeys>,
-    normed: Option<&'a Vec<Vec<f32>>>,
+    /// The sample's final-normed hidden states, (t, d) row-major.
+    normed: Option<&'a [f32]>,
     layout: &'a RowLayout<'a>,
     visual: &'a [usize],
 }
@@ -802,6 +876,12 @@ impl LayerHook for FoldHook<'_> {
             .iter()
             .any(|st| st.layer == layer + 1 && st.uses_previous_layer())
     }
+}
+
+/// Sample `s`'s part of a (b, t, …) row-major buffer of `state`'s rows.
+fn sample_rows<'a>(data: &'a [f32], state: &SeqState, s: usize) -> &'a [f32] {
+    let per_sample = data.len() / state.batch().max(1);
+    &data[s * per_sample..(s + 1) * per_sample]
 }
 
 /// The per-key bias of `state` on the host, if it has one.

@@ -9,6 +9,8 @@
 //! - [`QueriesKeys::key_metric`]: keys averaged over heads (ToMe's similarity metric);
 //!   [`QueriesKeys::key_l1`]: L1 norms of the keys with heads concatenated (DART's pivot choice).
 //!
+//! A stage at the input of a layer computes that layer's keys at every row but its queries only at the
+//! rows it reads ([`QueriesKeys::from_keys_and_rows`]); a stage that reads the previous layer has them all.
 //! The queries and keys of a layer are copied out of the tensors once per reduction stage and the signals
 //! computed in plain loops: each is a few rows, where a tensor op per sample would cost more in dispatch and
 //! thread synchronisation than in arithmetic.
@@ -42,10 +44,13 @@ impl RowLayout<'_> {
     }
 }
 
-/// Queries and keys (b, h, t, hd) of one layer, on the host.
+/// Keys (b, h, t, hd) of one layer and its queries at every row or at a few, on the host.
 #[derive(Debug, Clone)]
 pub struct QueriesKeys {
+    /// Queries (b, h, t, hd), or (h, n, hd) for the n rows of `query_slot`.
     q: Vec<f32>,
+    /// For queries at a few rows: each flat row's (s·t + j) place among them, `usize::MAX` if absent.
+    query_slot: Option<Vec<usize>>,
     k: Vec<f32>,
     heads: usize,
     len: usize,
@@ -53,10 +58,12 @@ pub struct QueriesKeys {
 }
 
 impl QueriesKeys {
+    /// From queries and keys (b, h, t, hd) at every row.
     pub fn from_tensors(q: &Tensor, k: &Tensor) -> Result<QueriesKeys> {
         let (_, heads, len, head_dim) = q.dims4()?;
         Ok(QueriesKeys {
             q: q.flatten_all()?.to_vec1()?,
+            query_slot: None,
             k: k.flatten_all()?.to_vec1()?,
             heads,
             len,
@@ -64,24 +71,75 @@ impl QueriesKeys {
         })
     }
 
-    fn at<'a>(&self, data: &'a [f32], s: usize, h: usize, i: usize) -> &'a [f32] {
-        let start = ((s * self.heads + h) * self.len + i) * self.head_dim;
-        &data[start..start + self.head_dim]
+    /// From keys (b, h, t, hd) and the queries (1, h, n, hd) at the flat rows `query_rows` (s·t + j), as
+    /// [`tokenfold_model::NativeModel::layer_keys_and_queries_at`] gives them.
+    pub fn from_keys_and_rows(
+        k: &Tensor,
+        q: Option<&Tensor>,
+        query_rows: &[usize],
+    ) -> Result<QueriesKeys> {
+        let (batch, heads, len, head_dim) = k.dims4()?;
+        let mut slot = vec![usize::MAX; batch * len];
+        for (i, &row) in query_rows.iter().enumerate() {
+            match slot.get_mut(row) {
+                Some(place) => *place = i,
+                None => candle_core::bail!("query row {row} is outside the {batch} × {len} rows"),
+            }
+        }
+        let q = match q {
+            Some(q) => {
+                let expected = (1, heads, query_rows.len(), head_dim);
+                if q.dims4()? != expected {
+                    candle_core::bail!("queries of shape {:?}, expected {expected:?}", q.dims());
+                }
+                q.flatten_all()?.to_vec1()?
+            }
+            None if query_rows.is_empty() => Vec::new(),
+            None => candle_core::bail!("{} query rows but no queries", query_rows.len()),
+        };
+        Ok(QueriesKeys {
+            q,
+            query_slot: Some(slot),
+            k: k.flatten_all()?.to_vec1()?,
+            heads,
+            len,
+            head_dim,
+        })
+    }
+
+    fn key(&self, s: usize, h: usize, j: usize) -> &[f32] {
+        let start = ((s * self.heads + h) * self.len + j) * self.head_dim;
+        &self.k[start..start + self.head_dim]
+    }
+
+    fn query(&self, s: usize, h: usize, i: usize) -> Result<&[f32]> {
+        let start = match &self.query_slot {
+            None => ((s * self.heads + h) * self.len + i) * self.head_dim,
+            Some(slots) => {
+                let slot = slots[s * self.len + i];
+                if slot == usize::MAX {
+                    candle_core::bail!("the query of row {i} of sample {s} was not computed");
+                }
+                let n = self.q.len() / (self.heads * self.head_dim);
+                (h * n + slot) * self.head_dim
+            }
+        };
+        Ok(&self.q[start..start + self.head_dim])
     }
 
     /// Attention probabilities (over all t keys) of `queries` rows of sample `s`, reduced over heads by
-    /// `heads` and averaged over the queries.
+    /// `heads` and averaged over the queries. An error if a query row's query was not computed.
     pub fn query_attention(
         &self,
         s: usize,
         layout: &RowLayout,
         queries: &[usize],
         heads: HeadReduce,
-    ) -> Vec<f32> {
+    ) -> Result<Vec<f32>> {
         let t = self.len;
         let mut out = vec![0f32; t];
         if queries.is_empty() {
-            return out;
+            return Ok(out);
         }
         let scale = 1.0 / (self.head_dim as f32).sqrt();
         let head_weight = match heads {
@@ -91,12 +149,12 @@ impl QueriesKeys {
         let mut logits = vec![0f32; t];
         for &i in queries {
             for h in 0..self.heads {
-                let q = self.at(&self.q, s, h, i);
+                let q = self.query(s, h, i)?;
                 let mut max = f32::NEG_INFINITY;
                 for (j, logit) in logits.iter_mut().enumerate() {
                     *logit = if layout.visible(i, j) {
-                        let k = self.at(&self.k, s, h, j);
-                        let dot: f32 = q.iter().zip(k).map(|(a, b)| a * b).sum();
+                        let k = self.key(s, h, j);
+                        let dot = crate::ops::dot(q, k);
                         dot * scale + layout.key_bias.map_or(0.0, |b| b[j])
                     } else {
                         f32::NEG_INFINITY
@@ -112,19 +170,24 @@ impl QueriesKeys {
                 }
             }
         }
-        out
+        Ok(out)
     }
 
     /// Attention each key of sample `s` receives, summed over `queries` and averaged over heads.
-    pub fn attention_received(&self, s: usize, layout: &RowLayout, queries: &[usize]) -> Vec<f32> {
+    pub fn attention_received(
+        &self,
+        s: usize,
+        layout: &RowLayout,
+        queries: &[usize],
+    ) -> Result<Vec<f32>> {
         let mut total = vec![0f32; self.len];
         for &i in queries {
-            let row = self.query_attention(s, layout, &[i], HeadReduce::Mean);
+            let row = self.query_attention(s, layout, &[i], HeadReduce::Mean)?;
             for (acc, v) in total.iter_mut().zip(row) {
                 *acc += v;
             }
         }
-        total
+        Ok(total)
     }
 
     /// Keys of sample `s` at `rows`, averaged over heads: (rows, hd).
@@ -133,7 +196,7 @@ impl QueriesKeys {
         for &j in rows {
             let mut mean = vec![0f32; self.head_dim];
             for h in 0..self.heads {
-                for (m, v) in mean.iter_mut().zip(self.at(&self.k, s, h, j)) {
+                for (m, v) in mean.iter_mut().zip(self.key(s, h, j)) {
                     *m += v / self.heads as f32;
                 }
             }
@@ -147,12 +210,7 @@ impl QueriesKeys {
         rows.iter()
             .map(|&j| {
                 (0..self.heads)
-                    .map(|h| {
-                        self.at(&self.k, s, h, j)
-                            .iter()
-                            .map(|v| v.abs())
-                            .sum::<f32>()
-                    })
+                    .map(|h| self.key(s, h, j).iter().map(|v| v.abs()).sum::<f32>())
                     .sum()
             })
             .collect()

@@ -379,13 +379,17 @@ fn query_rows_and_received_attention_match_the_full_matrix() {
     };
     let full = full_attention(&q, &k, &layout);
     let qk = QueriesKeys::from_tensors(&q, &k).unwrap();
-    let row = qk.query_attention(0, &layout, &[7], HeadReduce::Mean);
+    let row = qk
+        .query_attention(0, &layout, &[7], HeadReduce::Mean)
+        .unwrap();
     for j in 0..t {
         let expected: f32 = (0..h).map(|hh| full[hh][7][j]).sum::<f32>() / h as f32;
         assert_close(row[j], expected, 1e-5, "one query row");
     }
     assert_eq!(row[8], 0.0, "an invalid key gets nothing");
-    let summed = qk.query_attention(0, &layout, &[5, 6], HeadReduce::Sum);
+    let summed = qk
+        .query_attention(0, &layout, &[5, 6], HeadReduce::Sum)
+        .unwrap();
     for j in 0..t {
         let expected: f32 = (0..h)
             .map(|hh| (full[hh][5][j] + full[hh][6][j]) / 2.0)
@@ -393,7 +397,7 @@ fn query_rows_and_received_attention_match_the_full_matrix() {
         assert_close(summed[j], expected, 1e-5, "two query rows, head sum");
     }
     let queries = [1, 2, 3, 4];
-    let received = qk.attention_received(0, &layout, &queries);
+    let received = qk.attention_received(0, &layout, &queries).unwrap();
     for j in 0..t {
         let expected: f32 = queries
             .iter()
@@ -423,6 +427,47 @@ fn query_rows_and_received_attention_match_the_full_matrix() {
         .to_scalar()
         .unwrap();
     assert_close(l1[0], direct, 1e-6, "key L1");
+
+    // Queries at a few rows only, in any order: the same rows, and an error for a row not computed.
+    let rows = [7usize, 5, 6];
+    let picked: Vec<Tensor> = rows.iter().map(|&r| q.i((0, .., r)).unwrap()).collect();
+    let picked = Tensor::stack(&picked, 1).unwrap().unsqueeze(0).unwrap();
+    let partial = QueriesKeys::from_keys_and_rows(&k, Some(&picked), &rows).unwrap();
+    assert_eq!(
+        partial
+            .query_attention(0, &layout, &[7], HeadReduce::Mean)
+            .unwrap(),
+        row
+    );
+    assert_eq!(
+        partial
+            .query_attention(0, &layout, &[5, 6], HeadReduce::Sum)
+            .unwrap(),
+        summed
+    );
+    assert_eq!(partial.key_l1(0, &[2]), l1);
+    let err = partial
+        .query_attention(0, &layout, &[4], HeadReduce::Mean)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("row 4 of sample 0 was not computed"), "{err}");
+    let keys_only = QueriesKeys::from_keys_and_rows(&k, None, &[]).unwrap();
+    assert_eq!(keys_only.key_l1(0, &[2]), l1);
+    assert!(QueriesKeys::from_keys_and_rows(&k, None, &[3]).is_err());
+    assert!(QueriesKeys::from_keys_and_rows(&k, Some(&picked), &[7, 5, 6, 99]).is_err());
+}
+
+#[test]
+fn the_interleaved_dot_product_is_the_dot_product() {
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    for n in [0usize, 1, 7, 8, 9, 31, 256] {
+        let a: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let b: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let naive: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+        assert_close(ops::dot(&a, &b), naive as f32, 1e-5, "dot product");
+    }
+    // Unequal lengths: the shorter one counts.
+    assert_eq!(ops::dot(&[1.0, 2.0, 3.0], &[4.0, 5.0]), 14.0);
 }
 
 // ---------------------------------------------------------------- plans and budgets

@@ -1430,3 +1430,78 @@ fn encoder_weights_take_their_learning_rate_multiplier() {
         );
     }
 }
+
+#[test]
+fn a_model_prepared_for_inference_gives_the_same_logits_prefill_and_decode() {
+    let seq = tiny_seq();
+    let mut items = samples(Task::Relation, 1);
+    items.extend(samples(Task::Exist, 1));
+    items.extend(samples(Task::Caption, 1));
+    let inputs = prompt_batch(&seq, &items);
+    // Untied embeddings too, so that the separate output head is prepared as well.
+    for tie_embeddings in [true, false] {
+        let config = ModelConfig {
+            tie_embeddings,
+            ..tiny_config()
+        };
+        let plain = NativeModel::new(config.clone(), 9, &Device::Cpu).unwrap();
+        let mut prepared = NativeModel::new(config, 9, &Device::Cpu).unwrap();
+        assert!(!prepared.is_prepared_for_inference());
+        prepared.prepare_inference().unwrap();
+        assert!(prepared.is_prepared_for_inference());
+        assert!(prepared.frozen().unwrap().is_prepared_for_inference());
+        let reference = full_forward_last_logits(&plain, &inputs);
+        assert!(max_abs_diff(&full_forward_last_logits(&prepared, &inputs), &reference) < 1e-5);
+        let (mut plain_cache, mut prepared_cache) = (
+            crate::model::KvCache::default(),
+            crate::model::KvCache::default(),
+        );
+        let a = plain
+            .prefill(&inputs, &mut NoHook, &mut plain_cache)
+            .unwrap();
+        let b = prepared
+            .prefill(&inputs, &mut NoHook, &mut prepared_cache)
+            .unwrap();
+        assert!(max_abs_diff(&a, &b) < 1e-5, "prefill logits differ");
+        let next: Vec<u32> = a.argmax(D::Minus1).unwrap().to_vec1().unwrap();
+        let a = plain.decode_step(&next, &mut plain_cache).unwrap();
+        let b = prepared.decode_step(&next, &mut prepared_cache).unwrap();
+        assert!(max_abs_diff(&a, &b) < 1e-5, "decoding logits differ");
+    }
+}
+
+#[test]
+fn keys_and_queries_at_rows_are_the_layers_own() {
+    let model = NativeModel::new(tiny_config(), 5, &Device::Cpu).unwrap();
+    let seq = tiny_seq();
+    let mut items = samples(Task::Count, 1);
+    items.extend(samples(Task::Caption, 1));
+    let inputs = prompt_batch(&seq, &items);
+    let state = model.embed(&inputs).unwrap();
+    let t = state.len();
+    let layer = 1;
+    let (q, k) = model.layer_queries_keys(layer, &state).unwrap();
+    // Rows of both samples, out of order: the queries come back in the order asked.
+    let rows = [t + 3, 0, inputs.lengths[0] - 1, t + inputs.lengths[1] - 1];
+    let (keys, queries) = model
+        .layer_keys_and_queries_at(layer, &state, &rows)
+        .unwrap();
+    assert!(max_abs_diff(&keys, &k) < 1e-6, "keys differ");
+    let queries = queries.expect("queries were asked for");
+    assert_eq!(
+        queries.dims(),
+        &[1, q.dim(1).unwrap(), rows.len(), q.dim(3).unwrap()]
+    );
+    for (i, &row) in rows.iter().enumerate() {
+        let expected = q.i((row / t, .., row % t, ..)).unwrap();
+        let got = queries.i((0, .., i, ..)).unwrap();
+        assert!(max_abs_diff(&got, &expected) < 1e-6, "query of row {row}");
+    }
+    let (_, none) = model.layer_keys_and_queries_at(layer, &state, &[]).unwrap();
+    assert!(none.is_none());
+    let err = model
+        .layer_keys_and_queries_at(layer, &state, &[2 * t])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(&format!("query row {}", 2 * t)), "{err}");
+}

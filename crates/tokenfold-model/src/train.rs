@@ -422,7 +422,7 @@ impl RunDir {
             .map(|s| s.step)
     }
 
-    /// Loads the trained model, its tokenizer and the run configuration.
+    /// Loads the trained model, prepared for inference, its tokenizer and the run configuration.
     pub fn load(&self, device: &Device) -> Result<(NativeModel, TextTokenizer, RunConfig)> {
         let checkpoint = self.checkpoint();
         if !checkpoint.join("model.safetensors").is_file() {
@@ -443,7 +443,8 @@ impl RunDir {
                 config.vocab_size
             )));
         }
-        let model = NativeModel::load(config, &checkpoint.join("model.safetensors"), device)?;
+        let mut model = NativeModel::load(config, &checkpoint.join("model.safetensors"), device)?;
+        model.prepare_inference()?;
         Ok((model, tokenizer, run))
     }
 }

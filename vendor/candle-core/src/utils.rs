@@ -380,6 +380,13 @@ pub fn init_global_threadpool() {
 }
 
 fn default_num_threads() -> usize {
+    // Every matmul asks for the thread count, and counting physical cores reads /proc/cpuinfo: tens of
+    // microseconds per call, most of a small matmul. The count cannot change while the process runs.
+    static THREADS: OnceLock<usize> = OnceLock::new();
+    *THREADS.get_or_init(count_default_threads)
+}
+
+fn count_default_threads() -> usize {
     let physical = {
         #[cfg(target_os = "macos")]
         {
