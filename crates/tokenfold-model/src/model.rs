@@ -704,10 +704,11 @@ impl NativeModel {
         Ok(frozen)
     }
 
-    /// Keeps a transposed, contiguous copy of each dense projection and of the output head, which
-    /// the forward pass then multiplies by directly (see `Proj`); a prefill of few tokens runs about
-    /// twice as fast. The copies are detached and go stale if the weights change: only for a model
-    /// that is not trained any further. [`NativeModel::frozen`] keeps the preparation.
+    /// Keeps a transposed, contiguous copy of each dense projection (and q, k, v side by side) and of
+    /// the output head, which the forward pass then multiplies by directly (see `Proj`): gemm no longer
+    /// repacks the weights on every call, which dominated prefills of few tokens (docs/performance.md).
+    /// The copies are detached and go stale if the weights change: only for a model that is not trained
+    /// any further. [`NativeModel::frozen`] keeps the preparation.
     pub fn prepare_inference(&mut self) -> Result<()> {
         for block in &mut self.blocks {
             block.prepare_inference()?;
