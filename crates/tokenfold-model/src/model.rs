@@ -310,6 +310,22 @@ impl Proj {
     }
 }
 
+/// Heads (b, h, t, hd) QK-normed by `norm` and rotated by `rope` where given.
+fn norm_and_rotate(
+    mut x: Tensor,
+    norm: Option<&Tensor>,
+    rope: Option<(&Tensor, &Tensor)>,
+    cfg: &ModelConfig,
+) -> Result<Tensor> {
+    if let Some(norm) = norm {
+        x = rms_norm(&x, norm, cfg.norm_eps)?;
+    }
+    match rope {
+        Some((cos, sin)) => apply_rope(&x, cos, sin),
+        None => Ok(x),
+    }
+}
+
 fn ones(vb: &VarBuilder, dim: usize, name: &str) -> Result<Tensor> {
     vb.get_with_hints(dim, name, Init::Const(1.0))
 }
@@ -359,10 +375,11 @@ impl Block {
     }
 
     fn prepare_inference(&mut self) -> Result<()> {
+        // Values only ever come from the side-by-side q/k/v weights below; queries and keys also come
+        // alone, for reduction signals.
         for proj in [
             &mut self.attn.q_proj,
             &mut self.attn.k_proj,
-            &mut self.attn.v_proj,
             &mut self.attn.o_proj,
         ] {
             proj.prepare_inference()?;
@@ -404,14 +421,10 @@ impl Block {
                 .reshape((b, t, 3, h, hd))?
                 .permute((2, 0, 3, 1, 4))?
                 .contiguous()?;
-            let (mut q, mut k) = (qkv.i(0)?, qkv.i(1)?);
-            if let (Some(qn), Some(kn)) = (&self.attn.q_norm, &self.attn.k_norm) {
-                q = rms_norm(&q, qn, cfg.norm_eps)?;
-                k = rms_norm(&k, kn, cfg.norm_eps)?;
-            }
+            let attn = &self.attn;
             return Ok((
-                apply_rope(&q, rope.0, rope.1)?,
-                apply_rope(&k, rope.0, rope.1)?,
+                norm_and_rotate(qkv.i(0)?, attn.q_norm.as_ref(), Some(rope), cfg)?,
+                norm_and_rotate(qkv.i(1)?, attn.k_norm.as_ref(), Some(rope), cfg)?,
                 Some(qkv.i(2)?),
             ));
         }
@@ -443,7 +456,7 @@ impl Block {
     }
 
     /// One projection of the normed input `normed` (b, t, d) split into heads (b, h, t, hd), then
-    /// QK-normed by `norm` and rotated by `rope` where given.
+    /// [`norm_and_rotate`]d.
     fn heads(
         &self,
         normed: &Tensor,
@@ -454,18 +467,12 @@ impl Block {
     ) -> Result<Tensor> {
         let (b, t, _) = normed.dims3()?;
         let (h, hd) = (cfg.n_heads, cfg.head_dim());
-        let mut x = proj
+        let x = proj
             .forward(normed)?
             .reshape((b, t, h, hd))?
             .transpose(1, 2)?
             .contiguous()?;
-        if let Some(norm) = norm {
-            x = rms_norm(&x, norm, cfg.norm_eps)?;
-        }
-        match rope {
-            Some((cos, sin)) => apply_rope(&x, cos, sin),
-            None => Ok(x),
-        }
+        norm_and_rotate(x, norm, rope, cfg)
     }
 
     /// One layer. `cache`, when given, receives this call's keys and values (and their validity and key
