@@ -196,7 +196,7 @@ fn bench_data(
     }
     let mixture = Mixture::uniform();
     let mixed = rate(seconds, |i| {
-        let sample = training_sample(&assets, &mixture, 1, i);
+        let sample = training_sample(&assets, &mixture, 1, i, 0);
         std::hint::black_box(encode(&sample, &tokenizer, &seq).expect("sample fits the sequence"));
     });
     println!("| uniform mixture | | {mixed:.0} |");
@@ -213,6 +213,7 @@ fn bench_data(
             stages: Vec::new(),
             seq: seq.clone(),
             group_text: false,
+            follow_ups: 0,
         };
         let mut loader = Loader::spawn(assets.clone(), tokenizer.clone(), stream, 0, workers, 4)?;
         loader.next_batch()?; // warm-up: thread start

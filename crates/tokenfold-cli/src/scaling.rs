@@ -408,10 +408,9 @@ fn comparisons(by_architecture: &BTreeMap<String, Vec<RunRecord>>, target: &str)
                 if let Some(rb) = b_runs
                     .iter()
                     .find(|rb| key(rb) == key(ra) && !key(ra).is_empty())
+                    && let (Some(la), Some(lb)) = (ra.target_loss(target), rb.target_loss(target))
                 {
-                    if let (Some(la), Some(lb)) = (ra.target_loss(target), rb.target_loss(target)) {
-                        pairs.push((key(ra), ra.active(), la, lb));
-                    }
+                    pairs.push((key(ra), ra.active(), la, lb));
                 }
             }
             if pairs.is_empty() {

@@ -121,6 +121,7 @@ pub fn run(args: SearchArgs, paths: &DataPaths) -> Result<()> {
                 args.seed,
                 args.batch_size,
                 step as u64,
+                0,
             )?)
         },
         |record| {

@@ -71,7 +71,7 @@ pub(crate) fn split_of_index(index: usize) -> Split {
 }
 
 fn parse_digit_file(path: &Path, data: &[f32]) -> Result<Vec<DigitImage>> {
-    if data.is_empty() || data.len() % DIGIT_PIXELS != 0 {
+    if data.is_empty() || !data.len().is_multiple_of(DIGIT_PIXELS) {
         return Err(DataError::Record {
             path: path.to_path_buf(),
             index: 0,

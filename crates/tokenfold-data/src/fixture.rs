@@ -43,7 +43,7 @@ pub fn emoji_image(index: usize) -> RgbaImage {
             1 => dx.abs() <= 22 && dy.abs() <= 22,
             _ => dx.abs() + dy.abs() <= 28,
         };
-        let stripe = (x / 8 + y / 8 + index as u32) % 2 == 0;
+        let stripe = (x / 8 + y / 8 + index as u32).is_multiple_of(2);
         if inside {
             let shade = if stripe { 0 } else { 40 };
             Rgba([

@@ -98,14 +98,26 @@ impl FromStr for Mixture {
     }
 }
 
-/// Stream `stream` (0 for training) of the training split under `seed`: sample `index`.
-pub fn training_sample(assets: &Assets, mixture: &Mixture, seed: u64, index: u64) -> Sample {
+/// Sample `index` of the training stream under `seed`, with up to `follow_ups` further questions about its
+/// scene ([`Assets::add_follow_ups`]).
+pub fn training_sample(
+    assets: &Assets,
+    mixture: &Mixture,
+    seed: u64,
+    index: u64,
+    follow_ups: usize,
+) -> Sample {
     let mut rng = sample_rng(seed, 0, index);
     let task = mixture.pick(&mut rng);
-    assets.sample(task, Split::Train, None, &mut rng)
+    let mut sample = assets.sample(task, Split::Train, None, &mut rng);
+    assets.add_follow_ups(&mut sample, follow_ups, &mut rng);
+    sample
 }
 
 /// Batch `batch_index` of the training stream.
+// Every argument is one coordinate of the stream; callers outside a `StreamConfig` (the search's
+// held-out batches) pass them directly.
+#[allow(clippy::too_many_arguments)]
 pub fn training_batch(
     assets: &Assets,
     tokenizer: &TextTokenizer,
@@ -114,10 +126,11 @@ pub fn training_batch(
     seed: u64,
     batch_size: usize,
     batch_index: u64,
+    follow_ups: usize,
 ) -> Result<Batch> {
     let first = batch_index * batch_size as u64;
     let samples: Vec<Sample> = (first..first + batch_size as u64)
-        .map(|i| training_sample(assets, mixture, seed, i))
+        .map(|i| training_sample(assets, mixture, seed, i, follow_ups))
         .collect();
     Batch::from_samples(&samples, tokenizer, seq)
 }
@@ -152,6 +165,7 @@ pub fn stream_batch(
         stream.seed,
         stream.batch_size,
         batch_index,
+        stream.follow_ups,
     )
 }
 
@@ -175,7 +189,12 @@ pub struct StreamConfig {
     /// Each batch all text or all images (see [`stream_batch`]): a text passage pads a batch of short
     /// image prompts to its own length.
     pub group_text: bool,
+    /// Further questions per scene sample ([`Assets::add_follow_ups`]), 0 for none.
+    pub follow_ups: usize,
 }
+
+/// The most follow-ups a sample may ask for: more do not fit a sequence of usual length.
+pub const MAX_FOLLOW_UPS: usize = 8;
 
 impl StreamConfig {
     /// The mixture batch `batch_index` is drawn from.
@@ -191,6 +210,12 @@ impl StreamConfig {
         self.seq.validate()?;
         if self.batch_size == 0 {
             return Err(DataError::config("batch_size", "must be at least 1"));
+        }
+        if self.follow_ups > MAX_FOLLOW_UPS {
+            return Err(DataError::config(
+                "follow_ups",
+                format!("{} is above the maximum {MAX_FOLLOW_UPS}", self.follow_ups),
+            ));
         }
         let mut previous = 0;
         for (i, stage) in self.stages.iter().enumerate() {

@@ -45,7 +45,7 @@ impl Default for SequenceConfig {
 
 impl SequenceConfig {
     pub fn validate(&self) -> Result<()> {
-        if self.patch_size == 0 || self.image_size % self.patch_size != 0 {
+        if self.patch_size == 0 || !self.image_size.is_multiple_of(self.patch_size) {
             return Err(DataError::config(
                 "sequence.patch_size",
                 format!(
@@ -198,6 +198,21 @@ pub fn encode(sample: &Sample, tokenizer: &TextTokenizer, cfg: &SequenceConfig) 
     encoded.tokens.extend(&answer);
     encoded.tokens.push(eos);
     encoded.loss_mask.resize(encoded.tokens.len(), 1);
+    // Follow-ups continue the sequence after the answer's `<|eos|>`: question (not a target), answer and
+    // `<|eos|>` (targets). Those that no longer fit in `max_len` are left out; they are extra supervision,
+    // and the sample's own question and answer always fit.
+    for follow_up in &sample.follow_ups {
+        let question = tokenizer.encode(&follow_up.question)?;
+        let answer = tokenizer.encode(&format!(" {}", follow_up.answer))?;
+        if encoded.tokens.len() + question.len() + answer.len() + 1 > cfg.max_len {
+            break;
+        }
+        encoded.tokens.extend(&question);
+        encoded.loss_mask.resize(encoded.tokens.len(), 0);
+        encoded.tokens.extend(&answer);
+        encoded.tokens.push(eos);
+        encoded.loss_mask.resize(encoded.tokens.len(), 1);
+    }
     Ok(encoded)
 }
 

@@ -15,6 +15,10 @@
 //! one training sample supervises recognition and location of all its objects at once instead of one
 //! object's yes/no. It is the curriculum's pretraining task (see `docs/model.md`).
 //!
+//! Training samples of the scene tasks (exist, count, locate, relation) can carry *follow-ups*: further
+//! questions of those tasks about the same scene ([`Assets::add_follow_ups`]), so that one image serves
+//! several answers in a training sequence.
+//!
 //! Held-out compositions: every scene has a composition key (its objects and their cells; the number for
 //! `read`; object, size and rough position for `caption`), hashed into 16 buckets. Bucket 0 is the test
 //! split, bucket 1 validation, the rest training; generation rejects scenes of other splits. So a test
@@ -205,7 +209,21 @@ pub struct Sample {
     pub question: String,
     /// The expected answer; for `text`, the passage itself.
     pub answer: String,
+    /// Further questions about the same scene, asked after the answer in one training sequence (see
+    /// [`Assets::add_follow_ups`]); always empty in evaluation sets.
+    pub follow_ups: Vec<FollowUp>,
 }
+
+/// A further question about a sample's scene and its answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FollowUp {
+    pub task: Task,
+    pub question: String,
+    pub answer: String,
+}
+
+/// The tasks whose questions are about a scene of objects in grid cells, and so can follow each other.
+pub const SCENE_TASKS: [Task; 4] = [Task::Exist, Task::Count, Task::Locate, Task::Relation];
 
 /// Everything generation reads: the vocabulary with its sprites, the digits and the speeches.
 #[derive(Debug, Clone)]
@@ -243,7 +261,7 @@ pub fn composition_split(key: &[u64]) -> Split {
     }
 }
 
-fn scene_key(task: Task, objects: &[Placed]) -> Vec<u64> {
+pub(crate) fn scene_key(task: Task, objects: &[Placed]) -> Vec<u64> {
     let mut pairs: Vec<u64> = objects
         .iter()
         .map(|p| ((p.object as u64) << 8) | p.cell as u64)
@@ -357,6 +375,7 @@ impl Assets {
             scene: Some(scene),
             question,
             answer,
+            follow_ups: Vec::new(),
         }
     }
 
@@ -670,6 +689,136 @@ impl Assets {
             scene: None,
             question: String::new(),
             answer: text[start..end].to_string(),
+            follow_ups: Vec::new(),
+        }
+    }
+
+    /// Appends up to `n` further questions about `sample`'s scene, so that one image serves several
+    /// answers in a training sequence. Only samples of the [`SCENE_TASKS`] get them. Each follow-up's task is
+    /// drawn uniformly from those tasks under whose composition key the scene belongs to the training
+    /// split, so that no follow-up asks a question of a held-out scene of its task; questions are phrased
+    /// as the tasks phrase them and are distinct within a sample. A draw that does not apply to the scene
+    /// (a locate question with every label repeated, a count above 4, no object with exactly one
+    /// neighbour left of or above it) is skipped, so a sample can get fewer than `n`.
+    pub fn add_follow_ups(&self, sample: &mut Sample, n: usize, rng: &mut ChaCha8Rng) {
+        if n == 0 || !SCENE_TASKS.contains(&sample.task) {
+            return;
+        }
+        let Some(scene) = &sample.scene else {
+            return;
+        };
+        let objects = &scene.objects;
+        let tasks: Vec<Task> = SCENE_TASKS
+            .into_iter()
+            .filter(|&t| composition_split(&scene_key(t, objects)) == Split::Train)
+            .collect();
+        let mut asked: HashSet<String> = HashSet::from([sample.question.clone()]);
+        let mut follow_ups = Vec::with_capacity(n);
+        for _ in 0..4 * n {
+            if follow_ups.len() == n {
+                break;
+            }
+            let Some(&task) = tasks.choose(rng) else {
+                break;
+            };
+            if let Some((question, answer)) = self.follow_up(task, objects, rng)
+                && asked.insert(question.clone())
+            {
+                follow_ups.push(FollowUp {
+                    task,
+                    question,
+                    answer,
+                });
+            }
+        }
+        sample.follow_ups = follow_ups;
+    }
+
+    /// One question of `task` about `objects` with its answer, or `None` where the draw does not apply.
+    fn follow_up(
+        &self,
+        task: Task,
+        objects: &[Placed],
+        rng: &mut ChaCha8Rng,
+    ) -> Option<(String, String)> {
+        let copies = |object: usize| objects.iter().filter(|p| p.object == object).count();
+        let unique: Vec<&Placed> = objects.iter().filter(|p| copies(p.object) == 1).collect();
+        match task {
+            Task::Exist => {
+                let present: HashSet<usize> = objects.iter().map(|p| p.object).collect();
+                let (target, answer) = if rng.random_bool(0.5) {
+                    (objects.choose(rng)?.object, "yes")
+                } else {
+                    let negatives = *Negatives::ALL.choose(rng)?;
+                    (self.negative(negatives, objects, &present, rng), "no")
+                };
+                Some((
+                    format!("is there a {}?", self.label(target)),
+                    answer.to_string(),
+                ))
+            }
+            Task::Count => {
+                let (question, n) = if rng.random_bool(0.5) {
+                    let kinds = self.vocab.kinds();
+                    let kind = *kinds.choose(rng)?;
+                    let n = objects
+                        .iter()
+                        .filter(|p| self.vocab.objects[p.object].kind == kind)
+                        .count();
+                    (format!("how many {kind} are there?"), n)
+                } else {
+                    let target = if rng.random_bool(0.5) {
+                        objects.choose(rng)?.object
+                    } else {
+                        self.pick_weighted(rng, &HashSet::new())
+                    };
+                    (
+                        format!("how many times does the {} appear?", self.label(target)),
+                        copies(target),
+                    )
+                };
+                (n <= 4).then(|| (question, n.to_string()))
+            }
+            Task::Locate => {
+                let target = unique.choose(rng)?;
+                Some((
+                    format!("where is the {}?", self.label(target.object)),
+                    cell_name(self.scene.grid, target.cell),
+                ))
+            }
+            Task::Relation => {
+                let grid = self.scene.grid as usize;
+                let left = rng.random_bool(0.5);
+                // (line, position along the line): the relation runs along the second coordinate.
+                let coords = |cell: usize| {
+                    if left {
+                        (cell / grid, cell % grid)
+                    } else {
+                        (cell % grid, cell / grid)
+                    }
+                };
+                let pairs: Vec<(&Placed, &Placed)> = unique
+                    .iter()
+                    .filter_map(|target| {
+                        let (line, along) = coords(target.cell);
+                        let mut before = objects.iter().filter(|p| {
+                            let (l, a) = coords(p.cell);
+                            l == line && a < along
+                        });
+                        match (before.next(), before.next()) {
+                            (Some(only), None) => Some((*target, only)),
+                            _ => None,
+                        }
+                    })
+                    .collect();
+                let (target, answer) = pairs.choose(rng)?;
+                let direction = if left { "left of" } else { "above" };
+                Some((
+                    format!("what is {direction} the {}?", self.label(target.object)),
+                    self.label(answer.object).to_string(),
+                ))
+            }
+            _ => None,
         }
     }
 

@@ -849,6 +849,7 @@ fn loader_stream_is_the_same_for_any_worker_count_and_resumes_exactly() {
         }],
         seq: SequenceConfig::default(),
         group_text: false,
+        follow_ups: 0,
     };
     let direct: Vec<Batch> = (0..5)
         .map(|i| {
@@ -860,6 +861,7 @@ fn loader_stream_is_the_same_for_any_worker_count_and_resumes_exactly() {
                 5,
                 3,
                 i,
+                0,
             )
             .unwrap()
         })
@@ -904,6 +906,7 @@ fn grouped_batches_are_all_text_or_all_images_in_the_mixture_share() {
         stages: Vec::new(),
         seq: SequenceConfig::default(),
         group_text: true,
+        follow_ups: 0,
     };
     let batches: Vec<Batch> = (0..60)
         .map(|i| crate::loader::stream_batch(&f.assets, &f.tokenizer, &stream, i).unwrap())
@@ -936,7 +939,7 @@ fn grouped_batches_are_all_text_or_all_images_in_the_mixture_share() {
     for (s, &task) in batch.tasks.iter().enumerate() {
         let index = (i * 4 + s) as u64;
         assert_eq!(
-            crate::loader::training_sample(&f.assets, &image, 9, index).task,
+            crate::loader::training_sample(&f.assets, &image, 9, index, 0).task,
             task
         );
     }
@@ -964,12 +967,162 @@ fn grouped_batches_are_all_text_or_all_images_in_the_mixture_share() {
 }
 
 #[test]
+fn follow_ups_ask_correct_distinct_questions_about_training_scenes() {
+    let f = fixture();
+    let mixture: Mixture = "exist=1, count=1, locate=1, relation=1, caption=1"
+        .parse()
+        .unwrap();
+    let vocab = &f.assets.vocab;
+    let grid = f.assets.scene.grid as usize;
+    let object = |label: &str| {
+        vocab
+            .objects
+            .iter()
+            .position(|o| o.label == label)
+            .unwrap_or_else(|| panic!("{label:?} is not a label"))
+    };
+    let strip = |q: &str, prefix: &str, suffix: &str| -> Option<String> {
+        q.strip_prefix(prefix)?
+            .strip_suffix(suffix)
+            .map(String::from)
+    };
+    let mut asked = std::collections::BTreeMap::<Task, usize>::new();
+    for index in 0..200 {
+        let sample = crate::loader::training_sample(&f.assets, &mixture, 4, index, 3);
+        // The stream without follow-ups is unchanged: they are drawn after the sample.
+        let plain = crate::loader::training_sample(&f.assets, &mixture, 4, index, 0);
+        assert_eq!(
+            Sample {
+                follow_ups: Vec::new(),
+                ..sample.clone()
+            },
+            plain
+        );
+        assert!(sample.follow_ups.len() <= 3);
+        if !crate::tasks::SCENE_TASKS.contains(&sample.task) {
+            assert!(sample.follow_ups.is_empty(), "{:?}", sample.task);
+            continue;
+        }
+        let scene = sample.scene.as_ref().unwrap();
+        let objects = &scene.objects;
+        let copies = |o: usize| objects.iter().filter(|p| p.object == o).count();
+        let mut questions = std::collections::HashSet::from([sample.question.clone()]);
+        for fu in &sample.follow_ups {
+            assert!(
+                questions.insert(fu.question.clone()),
+                "{:?} twice",
+                fu.question
+            );
+            assert_eq!(
+                crate::tasks::composition_split(&crate::tasks::scene_key(fu.task, objects)),
+                Split::Train
+            );
+            *asked.entry(fu.task).or_default() += 1;
+            let q = fu.question.as_str();
+            let expected = match fu.task {
+                Task::Exist => {
+                    let label = strip(q, "is there a ", "?").unwrap();
+                    if copies(object(&label)) > 0 {
+                        "yes"
+                    } else {
+                        "no"
+                    }
+                    .to_string()
+                }
+                Task::Count => {
+                    if let Some(label) = strip(q, "how many times does the ", " appear?") {
+                        copies(object(&label)).to_string()
+                    } else {
+                        let kind = strip(q, "how many ", " are there?").unwrap();
+                        objects
+                            .iter()
+                            .filter(|p| vocab.objects[p.object].kind == kind)
+                            .count()
+                            .to_string()
+                    }
+                }
+                Task::Locate => {
+                    let target = object(&strip(q, "where is the ", "?").unwrap());
+                    assert_eq!(copies(target), 1);
+                    let placed = objects.iter().find(|p| p.object == target).unwrap();
+                    crate::scene::cell_name(f.assets.scene.grid, placed.cell)
+                }
+                Task::Relation => {
+                    let (label, left) = match strip(q, "what is left of the ", "?") {
+                        Some(label) => (label, true),
+                        None => (strip(q, "what is above the ", "?").unwrap(), false),
+                    };
+                    let target = object(&label);
+                    assert_eq!(copies(target), 1);
+                    let t = objects.iter().find(|p| p.object == target).unwrap().cell;
+                    let before: Vec<_> = objects
+                        .iter()
+                        .filter(|p| {
+                            if left {
+                                p.cell / grid == t / grid && p.cell % grid < t % grid
+                            } else {
+                                p.cell % grid == t % grid && p.cell / grid < t / grid
+                            }
+                        })
+                        .collect();
+                    assert_eq!(before.len(), 1, "{q}");
+                    vocab.objects[before[0].object].label.clone()
+                }
+                other => panic!("a follow-up of task {other:?}"),
+            };
+            assert_eq!(fu.answer, expected, "{q}");
+        }
+        // Each answer (and its <|eos|>) is a target, each question is not.
+        let eos_targets = |encoded: &crate::sequence::Encoded| {
+            encoded
+                .tokens
+                .iter()
+                .zip(&encoded.loss_mask)
+                .filter(|&(&t, &m)| t == f.tokenizer.special.eos && m == 1)
+                .count()
+        };
+        let roomy = SequenceConfig {
+            patch_size: 8,
+            max_len: 1024,
+            ..SequenceConfig::default()
+        };
+        let encoded = encode(&sample, &f.tokenizer, &roomy).unwrap();
+        assert_eq!(eos_targets(&encoded), 1 + sample.follow_ups.len());
+        // Where the sequence is full, the follow-ups that do not fit are left out.
+        let tight = SequenceConfig {
+            patch_size: 8,
+            max_len: encoded.tokens.len() - 1,
+            ..SequenceConfig::default()
+        };
+        if !sample.follow_ups.is_empty() {
+            let cut = encode(&sample, &f.tokenizer, &tight).unwrap();
+            assert!(cut.tokens.len() <= tight.max_len);
+            assert_eq!(eos_targets(&cut), sample.follow_ups.len());
+            assert_eq!(cut.tokens[..], encoded.tokens[..cut.tokens.len()]);
+        }
+        let text = f
+            .tokenizer
+            .decode(&encoded.tokens[encoded.prompt_len..])
+            .unwrap();
+        for fu in &sample.follow_ups {
+            assert!(
+                text.contains(&format!("{} {}", fu.question, fu.answer)),
+                "{text:?}"
+            );
+        }
+    }
+    for task in crate::tasks::SCENE_TASKS {
+        assert!(asked.get(&task).copied().unwrap_or(0) >= 10, "{asked:?}");
+    }
+}
+
+#[test]
 fn mixture_weights_steer_the_task_draw() {
     let assets = &fixture().assets;
     let only_count: Mixture = "count=1, text=0".parse().unwrap();
     for i in 0..20 {
         assert_eq!(
-            crate::loader::training_sample(assets, &only_count, 1, i).task,
+            crate::loader::training_sample(assets, &only_count, 1, i, 0).task,
             Task::Count
         );
     }

@@ -142,13 +142,13 @@ impl ModelConfig {
         let fail = |field: &str, message: String| {
             Err(ModelError::Config(format!("model.{field}: {message}")))
         };
-        if self.d_model == 0 || self.n_heads == 0 || self.d_model % self.n_heads != 0 {
+        if self.d_model == 0 || self.n_heads == 0 || !self.d_model.is_multiple_of(self.n_heads) {
             return fail(
                 "n_heads",
                 format!("{} does not divide d_model {}", self.n_heads, self.d_model),
             );
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return fail(
                 "n_heads",
                 format!("head dimension {} must be even for RoPE", self.head_dim()),

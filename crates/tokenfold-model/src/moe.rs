@@ -65,7 +65,7 @@ impl MoeConfig {
             ));
         }
         if self.routing == Routing::Modality
-            && (self.experts % 2 != 0 || self.top_k > self.experts / 2)
+            && (!self.experts.is_multiple_of(2) || self.top_k > self.experts / 2)
         {
             return Err(format!(
                 "modality routing splits the experts in two halves: experts ({}) must be even and top_k ({}) at most half",

@@ -838,6 +838,10 @@ fn bad_configuration_is_a_clear_error() {
     );
     check(&|s| s.replace("[model]", "[model]\nwidth = 3"), "width");
     check(
+        &|s| s.replace("[train]", "[train]\nfollow_ups = 9"),
+        "train.follow_ups 9 is above the maximum 8",
+    );
+    check(
         &|s| s.replace("patch_size = 8", "patch_size = 5"),
         "does not divide",
     );

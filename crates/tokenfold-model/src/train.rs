@@ -16,6 +16,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor, Var};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
+use tokenfold_data::loader::MAX_FOLLOW_UPS;
 use tokenfold_data::{
     Assets, Batch, EvalSpec, Loader, Mixture, SequenceConfig, Split, Stage, StreamConfig, Task,
     TextTokenizer,
@@ -104,6 +105,15 @@ pub struct TrainConfig {
     /// as much. Off by default, which keeps earlier runs' streams.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub group_text: bool,
+    /// Further questions about the scene of each exist, count, locate or relation sample, asked after its
+    /// answer in the same sequence (at most 8): one image then serves several answers. 0 (the default)
+    /// keeps earlier runs' streams.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub follow_ups: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// `[[train.curriculum]]`: train on `mixture` until optimizer step `until_step`.
@@ -192,6 +202,12 @@ impl RunConfig {
         if self.model.summary_token == Some(true) && !self.sequence.summary_token {
             return fail("model.summary_token has moved: set sequence.summary_token = true".into());
         }
+        if t.follow_ups > MAX_FOLLOW_UPS {
+            return fail(format!(
+                "train.follow_ups {} is above the maximum {MAX_FOLLOW_UPS}",
+                t.follow_ups
+            ));
+        }
         self.mixture()?;
         self.stages()?;
         self.sequence.validate()?;
@@ -222,6 +238,7 @@ impl RunConfig {
             stages: self.stages()?,
             seq: self.sequence.clone(),
             group_text: self.train.group_text,
+            follow_ups: self.train.follow_ups,
         })
     }
 

@@ -74,13 +74,13 @@ impl VisionConfig {
     }
 
     pub fn validate(&self) -> std::result::Result<(), String> {
-        if self.d_model == 0 || self.n_heads == 0 || self.d_model % self.n_heads != 0 {
+        if self.d_model == 0 || self.n_heads == 0 || !self.d_model.is_multiple_of(self.n_heads) {
             return Err(format!(
                 "n_heads {} does not divide d_model {}",
                 self.n_heads, self.d_model
             ));
         }
-        if (self.d_model / self.n_heads) % 2 != 0 {
+        if !(self.d_model / self.n_heads).is_multiple_of(2) {
             return Err(format!(
                 "head dimension {} must be even",
                 self.d_model / self.n_heads
@@ -105,7 +105,7 @@ impl VisionConfig {
 
     /// Checks that a patch side of `side` pixels is a multiple of the unshuffle factor.
     pub fn validate_patch_side(&self, side: usize) -> std::result::Result<(), String> {
-        if side % self.unshuffle != 0 {
+        if !side.is_multiple_of(self.unshuffle) {
             return Err(format!(
                 "unshuffle {} does not divide the patch side {side}",
                 self.unshuffle

@@ -159,7 +159,7 @@ pub const ARCHITECTURES: [&str; 4] = ["early", "late", "moe", "moe-modality"];
 pub fn encoder_for(width: &Width, lr_scale: f64, unshuffle: usize) -> VisionConfig {
     let d_model = (width.d_model / 2).max(2);
     let head = width.d_model / width.n_heads;
-    let n_heads = if d_model % head == 0 {
+    let n_heads = if d_model.is_multiple_of(head) {
         d_model / head
     } else {
         1
