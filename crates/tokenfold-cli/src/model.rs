@@ -8,6 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use tokenfold_data::evalset::EVAL_SIZE;
 use tokenfold_data::store::load_assets;
+use tokenfold_data::tokenizer::TextTokenizer;
 use tokenfold_data::{DataPaths, EvalSpec, SceneConfig, Split, Task};
 use tokenfold_model::eval::{answer_question, evaluate, markdown, mean_accuracy};
 use tokenfold_model::train::{
@@ -28,6 +29,10 @@ pub struct TrainArgs {
     /// Override train.steps.
     #[arg(long)]
     pub steps: Option<u64>,
+    /// Train with this tokenizer.json instead of <data>/tokenizer.json, e.g. a reference run's own, to
+    /// reproduce it exactly (tokenizers trained before digits were split merge numbers).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
     /// Hide the progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -82,13 +87,29 @@ pub fn run_train(args: TrainArgs, paths: &DataPaths) -> Result<()> {
     config.validate()?;
     let assets = Arc::new(checked_assets(paths, &config)?);
     let run = RunDir::new(&args.out);
-    let tokenizer = prepare_tokenizer(
-        &run,
-        &paths.tokenizer(),
-        &assets,
-        config.tokenizer.vocab_size,
-        args.resume,
-    )?;
+    let tokenizer = match &args.tokenizer {
+        // On resume the run's own tokenizer is the one its checkpoint was trained with.
+        Some(path) if !(args.resume && run.tokenizer().is_file()) => {
+            let tokenizer = TextTokenizer::load(path)?;
+            if tokenizer.vocab_size() != config.tokenizer.vocab_size {
+                bail!(
+                    "--tokenizer {}: {} tokens, but tokenizer.vocab_size of {} is {}",
+                    path.display(),
+                    tokenizer.vocab_size(),
+                    args.config.display(),
+                    config.tokenizer.vocab_size
+                );
+            }
+            tokenizer
+        }
+        _ => prepare_tokenizer(
+            &run,
+            &paths.tokenizer(),
+            &assets,
+            config.tokenizer.vocab_size,
+            args.resume,
+        )?,
+    };
     let model_config = config.model_config(tokenizer.vocab_size())?;
     println!(
         "training {} parameters ({} without embeddings): d_model {}, {} layers, {} heads, d_ff {}; {} steps of {} × {} sequences",

@@ -203,6 +203,54 @@ fn train_eval_and_ask_run_end_to_end() {
         4
     );
 
+    // --tokenizer: a second run trains with the first run's tokenizer, byte for byte; a tokenizer of
+    // another size than the configuration's is a clear error.
+    let tokenizer = run.join("tokenizer.json");
+    let second = dir.path().join("second");
+    let args = |config: &Path, out: &Path| -> Vec<String> {
+        [
+            "train",
+            "--config",
+            config.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--tokenizer",
+            tokenizer.to_str().unwrap(),
+            "--steps",
+            "1",
+            "--quiet",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    fn as_strs(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+    let out = tokenfold(dir.path(), &as_strs(&args(&config, &second)));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        std::fs::read(second.join("tokenizer.json")).unwrap(),
+        std::fs::read(&tokenizer).unwrap()
+    );
+    let bigger = dir.path().join("bigger.toml");
+    std::fs::write(
+        &bigger,
+        TINY_RUN.replace("vocab_size = 400", "vocab_size = 500"),
+    )
+    .unwrap();
+    let out = tokenfold(
+        dir.path(),
+        &as_strs(&args(&bigger, &dir.path().join("third"))),
+    );
+    let stderr = text(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("--tokenizer")
+            && stderr.contains("400 tokens")
+            && stderr.contains("500"),
+        "{stderr}"
+    );
+
     let out = tokenfold(
         dir.path(),
         &[

@@ -198,3 +198,27 @@ fn digit_image(digit: usize, sample: usize) -> Vec<f32> {
         })
         .collect()
 }
+
+/// Writes to `path` a copy of `tokenizer` of the kind tokenfold trained before digits were split: byte-level
+/// pre-tokenization only, plus a merge of "4" and "7" into one token, so that tests can check how such a
+/// tokenizer is recognised and replaced.
+pub fn write_digit_merging_tokenizer(
+    tokenizer: &crate::tokenizer::TextTokenizer,
+    path: &Path,
+) -> Result<()> {
+    let text = tokenizer
+        .inner
+        .to_string(false)
+        .map_err(|e| DataError::Tokenizer(format!("cannot serialise: {e}")))?;
+    let mut json: Value = serde_json::from_str(&text)
+        .map_err(|e| DataError::Tokenizer(format!("cannot parse its own JSON: {e}")))?;
+    json["pre_tokenizer"] = json!({
+        "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true
+    });
+    json["model"]["vocab"]["47"] = json!(tokenizer.vocab_size());
+    json["model"]["merges"]
+        .as_array_mut()
+        .ok_or_else(|| DataError::Tokenizer("a BPE tokenizer without merges".into()))?
+        .push(json!(["4", "7"]));
+    crate::write_atomic(path, json.to_string().as_bytes())
+}

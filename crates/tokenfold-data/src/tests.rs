@@ -9,7 +9,7 @@ use std::sync::{Arc, OnceLock};
 use crate::emoji::{EmojiSet, join_key};
 use crate::error::DataError;
 use crate::evalset::{EvalSpec, digest};
-use crate::fixture::{DIGITS_PER_CLASS, SPEECHES, write_fixture};
+use crate::fixture::{DIGITS_PER_CLASS, SPEECHES, write_digit_merging_tokenizer, write_fixture};
 use crate::loader::{Loader, Mixture, StreamConfig, training_batch};
 use crate::scene::{SceneConfig, cell_name};
 use crate::sequence::{Batch, SequenceConfig, encode, patchify};
@@ -681,6 +681,34 @@ fn tokenizer_special_tokens_have_fixed_ids_and_survive_save_and_load() {
             .unwrap()
             > 1.0
     );
+}
+
+#[test]
+fn tokenizer_gives_every_digit_a_token_of_its_own() {
+    // Numbers repeated often enough that BPE would merge them if digits were not split first.
+    let corpus: Vec<String> = (0..200)
+        .map(|i| format!("what number is written? 47 123 1000 {}", i % 10 * 111))
+        .collect();
+    let tokenizer = TextTokenizer::train(corpus.iter().map(String::as_str), 400).unwrap();
+    for number in ["47", "123", "1000", "908", " 2026"] {
+        let ids = tokenizer.encode(number).unwrap();
+        let digits = number.trim().len();
+        assert_eq!(
+            ids.len() - (number.len() - digits),
+            digits,
+            "{number}: {ids:?}"
+        );
+        assert_eq!(tokenizer.decode(&ids).unwrap(), number);
+    }
+    assert!(tokenizer.splits_digits().unwrap());
+
+    // A tokenizer of the older kind: byte-level pre-tokenization only, and a merge of "4" and "7".
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenizer.json");
+    write_digit_merging_tokenizer(&tokenizer, &path).unwrap();
+    let merging = TextTokenizer::load(&path).unwrap();
+    assert_eq!(merging.encode("47").unwrap().len(), 1);
+    assert!(!merging.splits_digits().unwrap());
 }
 
 #[test]

@@ -3,12 +3,19 @@
 //!
 //! Byte-level means every string round-trips exactly and no text is ever out of vocabulary. The special
 //! tokens come first, with fixed ids, so that a model can rely on them.
+//!
+//! Every digit is a token of its own. Left to itself, BPE merges the frequent numbers of the corpus into
+//! one- and two-digit tokens of its own choosing ("47" one token, "123" "12" then "3"), so a model reading
+//! a number off an image would have to learn an arbitrary segmentation on top of the digits; with single
+//! digits it writes what it reads, one digit per token.
 
 use std::path::Path;
 
 use tokenizers::models::TrainerWrapper;
 use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::{
     AddedToken, DecoderWrapper, ModelWrapper, NormalizerWrapper, PostProcessorWrapper,
     PreTokenizerWrapper, Tokenizer, TokenizerBuilder,
@@ -95,7 +102,10 @@ impl TextTokenizer {
             DecoderWrapper,
         >::new()
         .with_model(BPE::default().into())
-        .with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false).into()))
+        .with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(Sequence::new(vec![
+            Digits::new(true).into(),
+            ByteLevel::default().add_prefix_space(false).into(),
+        ]))))
         .with_decoder(Some(ByteLevel::default().into()))
         .build()
         .map_err(|e| DataError::Tokenizer(e.to_string()))?;
@@ -167,6 +177,18 @@ impl TextTokenizer {
 
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
+    }
+
+    /// Whether every digit is a token of its own, as [`TextTokenizer::train`] makes it. A tokenizer
+    /// trained before digits were split merges numbers; runs keep theirs, new runs train a new one.
+    pub fn splits_digits(&self) -> Result<bool> {
+        for id in self.encode("0123456789 1000 47 2026")? {
+            let piece = self.decode(&[id])?;
+            if piece.chars().filter(char::is_ascii_digit).count() > 1 {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// Token ids of plain text (special-token strings inside it are not treated specially).

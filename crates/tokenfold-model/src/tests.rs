@@ -5,7 +5,7 @@
 use std::sync::{Arc, OnceLock};
 
 use candle_core::{D, DType, Device, IndexOp, Tensor};
-use tokenfold_data::fixture::write_fixture;
+use tokenfold_data::fixture::{write_digit_merging_tokenizer, write_fixture};
 use tokenfold_data::sequence::encode_prompt;
 use tokenfold_data::store::load_assets;
 use tokenfold_data::tasks::sample_rng;
@@ -16,7 +16,7 @@ use crate::eval::prompt_inputs;
 use crate::model::{Inputs, NativeModel, NoHook};
 use crate::ops;
 use crate::optim::{AdamW, AdamWConfig, Schedule, learning_rate};
-use crate::train::{RunConfig, TrainOptions, read_step_metrics, train};
+use crate::train::{RunConfig, RunDir, TrainOptions, prepare_tokenizer, read_step_metrics, train};
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -1508,4 +1508,31 @@ fn keys_and_queries_at_rows_are_the_layers_own() {
         .unwrap_err()
         .to_string();
     assert!(err.contains(&format!("query row {}", 2 * t)), "{err}");
+}
+
+#[test]
+fn a_data_tokenizer_that_merges_digits_is_replaced_and_one_that_splits_them_is_kept() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let data_tokenizer = dir.path().join("tokenizer.json");
+    let run = RunDir::new(&dir.path().join("run"));
+    write_digit_merging_tokenizer(&f.tokenizer, &data_tokenizer).unwrap();
+    let merged_size = TextTokenizer::load(&data_tokenizer).unwrap().vocab_size();
+
+    // Asked for the merging tokenizer's own size: it is still replaced, on disk too.
+    let tokenizer =
+        prepare_tokenizer(&run, &data_tokenizer, &f.assets, merged_size, false).unwrap();
+    assert!(tokenizer.splits_digits().unwrap());
+    let on_disk = TextTokenizer::load(&data_tokenizer).unwrap();
+    assert!(on_disk.splits_digits().unwrap());
+    assert_eq!(on_disk.vocab_size(), merged_size);
+
+    // A tokenizer that splits digits and has the configured size is used as it is.
+    let before = std::fs::read(&data_tokenizer).unwrap();
+    let again = prepare_tokenizer(&run, &data_tokenizer, &f.assets, merged_size, false).unwrap();
+    assert_eq!(
+        again.encode("what number is written? 47").unwrap(),
+        on_disk.encode("what number is written? 47").unwrap()
+    );
+    assert_eq!(std::fs::read(&data_tokenizer).unwrap(), before);
 }

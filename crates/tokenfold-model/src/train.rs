@@ -587,7 +587,8 @@ fn append_line(path: &Path, value: &serde_json::Value) -> Result<()> {
 }
 
 /// The tokenizer of a run: the run's own on resume, else `<data>/tokenizer.json` if it has the configured
-/// size, else a new one trained on the assets (and saved to the data folder for the next run).
+/// size and splits digits, else a new one trained on the assets (about a second). The new one is saved to
+/// the data folder for the next run if there is none there, or if the one there predates digit splitting.
 pub fn prepare_tokenizer(
     run: &RunDir,
     data_tokenizer: &Path,
@@ -598,14 +599,24 @@ pub fn prepare_tokenizer(
     if resume && run.tokenizer().is_file() {
         return Ok(TextTokenizer::load(&run.tokenizer())?);
     }
+    let mut replace = !data_tokenizer.exists();
     if data_tokenizer.is_file() {
         let tokenizer = TextTokenizer::load(data_tokenizer)?;
-        if tokenizer.vocab_size() == vocab_size {
+        let splits_digits = tokenizer.splits_digits()?;
+        if tokenizer.vocab_size() == vocab_size && splits_digits {
             return Ok(tokenizer);
+        }
+        if !splits_digits {
+            // A one-time notice: the file is tokenfold's own cache, but it changes under the user's eyes.
+            eprintln!(
+                "note: {} merges digits (trained by an older tokenfold); training a new one in its place",
+                data_tokenizer.display()
+            );
+            replace = true;
         }
     }
     let tokenizer = TextTokenizer::train_on_assets(assets, vocab_size)?;
-    if !data_tokenizer.exists() {
+    if replace {
         tokenizer.save(data_tokenizer)?;
     }
     Ok(tokenizer)
