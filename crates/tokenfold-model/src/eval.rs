@@ -37,6 +37,10 @@ pub struct SetResult {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub objects: Option<usize>,
     pub accuracy: f64,
+    /// `read` only: the share of the numbers' digits written in their place (partial credit, so that a
+    /// model on its way to reading shows it before whole numbers come out right).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digit_accuracy: Option<f64>,
     /// Text only.
     pub nll_per_token: Option<f64>,
     pub bits_per_byte: Option<f64>,
@@ -188,6 +192,14 @@ pub fn evaluate_with(
                     .count();
                 (correct, None)
             };
+            let digit_accuracy = (spec.task == Task::Read).then(|| {
+                let (right, total) = answers
+                    .iter()
+                    .zip(&samples)
+                    .map(|(a, s)| digits_in_place(a, &s.answer))
+                    .fold((0, 0), |(r, t), (a, b)| (r + a, t + b));
+                right as f64 / total.max(1) as f64
+            });
             SetResult {
                 set: String::new(),
                 task: spec.task,
@@ -195,6 +207,7 @@ pub fn evaluate_with(
                 correct,
                 objects,
                 accuracy: correct as f64 / objects.unwrap_or(samples.len()).max(1) as f64,
+                digit_accuracy,
                 nll_per_token: None,
                 bits_per_byte: None,
             }
@@ -205,6 +218,18 @@ pub fn evaluate_with(
         });
     }
     Ok(results)
+}
+
+/// Scores a `read` answer digit by digit: of `truth`'s digits, how many `answer` has at the same place
+/// (counted from the left; a missing digit is wrong). Returns (right, digits in the number).
+pub fn digits_in_place(answer: &str, truth: &str) -> (usize, usize) {
+    let right = truth
+        .trim()
+        .chars()
+        .zip(answer.trim().chars())
+        .filter(|(t, a)| t == a)
+        .count();
+    (right, truth.trim().chars().count())
 }
 
 /// Scores a `describe` answer by object recall: of the "cell label" items of `truth` ("top left cat,
@@ -332,6 +357,7 @@ fn text_result(
         samples: samples.len(),
         correct: 0,
         objects: None,
+        digit_accuracy: None,
         accuracy: 0.0,
         nll_per_token: Some(nll / tokens.max(1) as f64),
         bits_per_byte: Some(nll / std::f64::consts::LN_2 / bytes.max(1) as f64),
@@ -356,9 +382,10 @@ pub fn markdown(results: &[SetResult]) -> String {
     for r in results {
         let fmt = |v: Option<f64>| v.map_or("".to_string(), |v| format!("{v:.3}"));
         // Describe's accuracy is a share of objects: say so where a reader sees it.
-        let set = match r.objects {
-            Some(objects) => format!("{} (objects named of {objects})", r.set),
-            None => r.set.clone(),
+        let set = match (r.objects, r.digit_accuracy) {
+            (Some(objects), _) => format!("{} (objects named of {objects})", r.set),
+            (None, Some(digits)) => format!("{} (digits in place: {:.1}%)", r.set, 100.0 * digits),
+            (None, None) => r.set.clone(),
         };
         let accuracy = if r.task == Task::Text {
             String::new()

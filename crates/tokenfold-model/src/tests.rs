@@ -800,6 +800,18 @@ fn resumed_run_repeats_the_uninterrupted_losses() {
 }
 
 #[test]
+fn read_answers_score_each_digit_in_its_place() {
+    use crate::eval::digits_in_place;
+    assert_eq!(digits_in_place("472", "472"), (3, 3));
+    assert_eq!(digits_in_place(" 472", "472"), (3, 3));
+    // Place matters: a shifted or missing digit is wrong, an extra one costs nothing more.
+    assert_eq!(digits_in_place("47", "472"), (2, 3));
+    assert_eq!(digits_in_place("72", "472"), (0, 3));
+    assert_eq!(digits_in_place("4721", "472"), (3, 3));
+    assert_eq!(digits_in_place("", "58"), (0, 2));
+}
+
+#[test]
 fn describe_answers_score_each_object_named_with_its_cell_once() {
     use crate::eval::described_objects;
     let truth = "top left cat, center dog, bottom right cat";
