@@ -261,6 +261,30 @@ pub fn composition_split(key: &[u64]) -> Split {
     }
 }
 
+// The question templates, one each: the generators, the follow-ups and the tokenizer's corpus
+// (`task_texts`) must phrase a question identically.
+fn exist_question(label: &str) -> String {
+    format!("is there a {label}?")
+}
+
+fn count_kind_question(kind: &str) -> String {
+    format!("how many {kind} are there?")
+}
+
+fn count_label_question(label: &str) -> String {
+    format!("how many times does the {label} appear?")
+}
+
+fn locate_question(label: &str) -> String {
+    format!("where is the {label}?")
+}
+
+/// "what is left of the X?" with `left`, else "what is above the X?".
+fn relation_question(left: bool, label: &str) -> String {
+    let direction = if left { "left of" } else { "above" };
+    format!("what is {direction} the {label}?")
+}
+
 pub(crate) fn scene_key(task: Task, objects: &[Placed]) -> Vec<u64> {
     let mut pairs: Vec<u64> = objects
         .iter()
@@ -394,7 +418,7 @@ impl Assets {
                 .unwrap_or_else(|| *Negatives::ALL.choose(rng).unwrap_or(&Negatives::Random));
             (self.negative(negatives, &objects, &present, rng), "no")
         };
-        let question = format!("is there a {}?", self.label(target));
+        let question = exist_question(self.label(target));
         self.finish(objects, None, question, answer.to_string(), rng)
     }
 
@@ -458,13 +482,13 @@ impl Assets {
             let (question, matches): (String, Box<dyn Fn(usize) -> bool>) = if by_kind {
                 let kind = *kinds.choose(rng).unwrap_or(&"animals");
                 (
-                    format!("how many {kind} are there?"),
+                    count_kind_question(kind),
                     Box::new(move |o| self.vocab.objects[o].kind == kind),
                 )
             } else {
                 let target = self.pick_weighted(rng, &HashSet::new());
                 (
-                    format!("how many times does the {} appear?", self.label(target)),
+                    count_label_question(self.label(target)),
                     Box::new(move |o| o == target),
                 )
             };
@@ -497,7 +521,7 @@ impl Assets {
         let target = *objects
             .choose(rng)
             .expect("a scene has at least one object");
-        let question = format!("where is the {}?", self.label(target.object));
+        let question = locate_question(self.label(target.object));
         self.finish(
             objects,
             None,
@@ -561,9 +585,7 @@ impl Assets {
                 objects.push(Scene::place(&self.scene, rng, object, cell, size));
             }
             if composition_split(&scene_key(Task::Relation, &objects)) == split {
-                let direction = if left { "left of" } else { "above" };
-                let question =
-                    format!("what is {direction} the {}?", self.label(objects[0].object));
+                let question = relation_question(left, self.label(objects[0].object));
                 let answer = self.label(objects[1].object).to_string();
                 return self.finish(objects, None, question, answer, rng);
             }
@@ -752,10 +774,7 @@ impl Assets {
                     let negatives = *Negatives::ALL.choose(rng)?;
                     (self.negative(negatives, objects, &present, rng), "no")
                 };
-                Some((
-                    format!("is there a {}?", self.label(target)),
-                    answer.to_string(),
-                ))
+                Some((exist_question(self.label(target)), answer.to_string()))
             }
             Task::Count => {
                 let (question, n) = if rng.random_bool(0.5) {
@@ -765,24 +784,21 @@ impl Assets {
                         .iter()
                         .filter(|p| self.vocab.objects[p.object].kind == kind)
                         .count();
-                    (format!("how many {kind} are there?"), n)
+                    (count_kind_question(kind), n)
                 } else {
                     let target = if rng.random_bool(0.5) {
                         objects.choose(rng)?.object
                     } else {
                         self.pick_weighted(rng, &HashSet::new())
                     };
-                    (
-                        format!("how many times does the {} appear?", self.label(target)),
-                        copies(target),
-                    )
+                    (count_label_question(self.label(target)), copies(target))
                 };
                 (n <= 4).then(|| (question, n.to_string()))
             }
             Task::Locate => {
                 let target = unique.choose(rng)?;
                 Some((
-                    format!("where is the {}?", self.label(target.object)),
+                    locate_question(self.label(target.object)),
                     cell_name(self.scene.grid, target.cell),
                 ))
             }
@@ -812,9 +828,8 @@ impl Assets {
                     })
                     .collect();
                 let (target, answer) = pairs.choose(rng)?;
-                let direction = if left { "left of" } else { "above" };
                 Some((
-                    format!("what is {direction} the {}?", self.label(target.object)),
+                    relation_question(left, self.label(target.object)),
                     self.label(answer.object).to_string(),
                 ))
             }
@@ -832,7 +847,7 @@ impl Assets {
             "what is this?".into(),
         ];
         for kind in self.vocab.kinds() {
-            texts.push(format!("how many {kind} are there?"));
+            texts.push(count_kind_question(kind));
         }
         for n in 0..=4 {
             texts.push(n.to_string());
@@ -843,11 +858,11 @@ impl Assets {
         for object in &self.vocab.objects {
             let label = &object.label;
             texts.push(label.clone());
-            texts.push(format!("is there a {label}?"));
-            texts.push(format!("how many times does the {label} appear?"));
-            texts.push(format!("where is the {label}?"));
-            texts.push(format!("what is left of the {label}?"));
-            texts.push(format!("what is above the {label}?"));
+            texts.push(exist_question(label));
+            texts.push(count_label_question(label));
+            texts.push(locate_question(label));
+            texts.push(relation_question(true, label));
+            texts.push(relation_question(false, label));
         }
         for number in 10..1000 {
             texts.push(number.to_string());
