@@ -48,6 +48,10 @@ pub enum BenchCommand {
         /// Timed repeats per measurement (the fastest is reported).
         #[arg(long, default_value_t = 10)]
         repeats: usize,
+        /// Compute padded batches as they are, padding included, instead of packing their rows (the
+        /// layout before packing, for comparison; as `TOKENFOLD_PACKED=0`).
+        #[arg(long)]
+        padded: bool,
         /// Also write the figures as JSON here.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -72,8 +76,9 @@ pub fn run(command: BenchCommand, paths: &DataPaths) -> Result<()> {
             model,
             plan,
             repeats,
+            padded,
             out,
-        } => bench_prefill(paths, &model, plan.as_deref(), repeats, out),
+        } => bench_prefill(paths, &model, plan.as_deref(), repeats, padded, out),
         BenchCommand::Train(options) => crate::bench_train::run(paths, &options),
     }
 }
@@ -83,11 +88,20 @@ fn bench_prefill(
     model_dir: &std::path::Path,
     plan: Option<&std::path::Path>,
     repeats: usize,
+    padded: bool,
     out: Option<PathBuf>,
 ) -> Result<()> {
     let device = tokenfold_model::train::default_device()?;
-    let (model, tokenizer, config) =
+    let (mut model, tokenizer, config) =
         tokenfold_model::train::RunDir::new(model_dir).load(&device)?;
+    if padded {
+        model.set_pack_rows(false);
+    }
+    let layout = if model.packs_rows() {
+        "packed: each batch computes its samples' real rows only"
+    } else {
+        "padded: each batch computes every sample at its longest length"
+    };
     let plan = match plan {
         Some(path) => {
             let plan = tokenfold_fold::Plan::load(path)?;
@@ -98,12 +112,12 @@ fn bench_prefill(
     };
     let assets = crate::model::checked_assets(paths, &config)?;
     println!(
-        "prefill of {} with plan '{}' (fastest of {repeats})\n",
+        "prefill of {} with plan '{}' (fastest of {repeats}); rows {layout}\n",
         model_dir.display(),
         plan.name
     );
     println!(
-        "| batch | full ms | plan ms | speed-up | FLOPs-predicted speed-up | measured / predicted | predicted with padding | measured / padded | reduction ms | reduction share |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| batch | full ms | plan ms | speed-up | FLOPs-predicted speed-up | measured / predicted | predicted if padded | measured / padded | reduction ms | reduction share |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     let mut rows = Vec::new();
     for batch in [1usize, 16] {
@@ -139,7 +153,7 @@ fn bench_prefill(
         let report = json!({"command": "bench prefill", "model": model_dir, "config": model.config,
             "parameters": model.parameter_count(), "threads": candle_core::utils::get_num_threads(),
             "git_revision": tokenfold_scaling::sweep::git_revision(), "plan": plan,
-            "repeats": repeats, "rows": rows});
+            "repeats": repeats, "packed_rows": model.packs_rows(), "rows": rows});
         tokenfold_data::write_atomic(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;
         println!("\nwrote {}", path.display());
     }

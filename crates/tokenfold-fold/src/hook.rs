@@ -54,8 +54,9 @@ pub struct Trace {
     /// Σ over image samples of all tokens (text and visual) entering each layer, and of their squares.
     pub entering_all: Vec<u64>,
     pub entering_all_sq: Vec<f64>,
-    /// Σ over image samples of the rows each layer computes for them (the batch's padded length), and of
-    /// their squares: the work as executed, where `entering_all` counts the useful part.
+    /// Σ over image samples of the rows each layer would compute for them in a padded batch (the batch's
+    /// longest length), and of their squares: the work a padded layout executes, where `entering_all`
+    /// counts the useful part (all a packed layout computes).
     pub computed_rows: Vec<u64>,
     pub computed_rows_sq: Vec<f64>,
     /// Σ over image samples of prompt tokens before any reduction, and of their squares.
@@ -875,6 +876,10 @@ impl LayerHook for FoldHook<'_> {
             .stages
             .iter()
             .any(|st| st.layer == layer + 1 && st.uses_previous_layer())
+    }
+
+    fn reads_hidden(&self, layer: usize) -> bool {
+        self.plan.stages.iter().any(|st| st.layer == layer)
     }
 }
 

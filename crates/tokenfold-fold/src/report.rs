@@ -41,8 +41,9 @@ pub struct Latency {
     /// The speed-up the decoder's analytical prefill FLOPs predict for this batch: full over planned.
     #[serde(default)]
     pub predicted_speedup: f64,
-    /// The same prediction from the rows the batch computes, padding included (each sample padded to the
-    /// longest in the batch, before and after reduction): the speed-up the FLOPs allow this batch layout.
+    /// The same prediction from the rows a padded batch computes (each sample padded to the longest in
+    /// the batch, before and after reduction): the speed-up the FLOPs allow that layout. An inference
+    /// model packs its rows instead (`NativeModel::forward`), and computes no padding.
     #[serde(default)]
     pub predicted_speedup_padded: f64,
     /// The prompts' lengths and image spans (what a reference implementation needs to time the same

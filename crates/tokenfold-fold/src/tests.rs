@@ -703,35 +703,62 @@ fn the_measured_budget_equals_the_tokens_that_pass_and_the_plan() {
     }
 }
 
+/// [`tiny_model`] as a loaded model is: frozen and prepared for inference, so that its passes over padded
+/// batches pack their rows.
+fn inference_model(summary: bool) -> NativeModel {
+    let mut model = tiny_model(summary).frozen().unwrap();
+    model.prepare_inference().unwrap();
+    assert!(model.packs_rows());
+    model
+}
+
 #[test]
 fn each_sample_of_a_batch_is_reduced_as_if_alone() {
-    let model = tiny_model(true);
+    // A model in training runs padded batches; an inference model packs their rows.
+    for (model, layout) in [
+        (tiny_model(true), "padded"),
+        (inference_model(true), "packed"),
+    ] {
+        each_sample_reduced_as_if_alone(&model, layout);
+    }
+}
+
+fn each_sample_reduced_as_if_alone(model: &NativeModel, layout: &str) {
     let g = Geometry::of(&model.config);
-    let inputs = prompts(&model, &[2, 7, 4], 3);
+    let inputs = prompts(model, &[2, 7, 4], 3);
     for plan in plans_for(g) {
-        let mut hook = FoldHook::new(&model, &plan);
+        let mut hook = FoldHook::new(model, &plan);
         let batched = model
             .prefill(&inputs, &mut hook, &mut KvCache::default())
             .unwrap();
         for s in 0..3 {
             let single = one_sample(&inputs, s);
-            let mut hook = FoldHook::new(&model, &plan);
+            let mut hook = FoldHook::new(model, &plan);
             let alone = model
                 .prefill(&single, &mut hook, &mut KvCache::default())
                 .unwrap();
             let diff = max_diff(&batched.i(s..s + 1).unwrap(), &alone);
-            assert!(diff < 1e-4, "{}: sample {s} differs by {diff}", plan.name);
+            assert!(
+                diff < 1e-4,
+                "{} ({layout}): sample {s} differs by {diff}",
+                plan.name
+            );
         }
     }
 }
 
 #[test]
 fn decoding_with_the_cache_after_a_reduced_prefill_equals_recomputation() {
-    let model = tiny_model(true);
+    for model in [tiny_model(true), inference_model(true)] {
+        decoding_after_reduced_prefill_equals_recomputation(&model);
+    }
+}
+
+fn decoding_after_reduced_prefill_equals_recomputation(model: &NativeModel) {
     let g = Geometry::of(&model.config);
-    let inputs = prompts(&model, &[3, 5], 4);
+    let inputs = prompts(model, &[3, 5], 4);
     for plan in plans_for(g) {
-        let mut hook = FoldHook::new(&model, &plan);
+        let mut hook = FoldHook::new(model, &plan);
         let mut cache = KvCache::default();
         let mut logits = model.prefill(&inputs, &mut hook, &mut cache).unwrap();
         let mut sequences: Vec<Vec<u32>> = (0..2)
@@ -756,7 +783,7 @@ fn decoding_with_the_cache_after_a_reduced_prefill_equals_recomputation() {
                     image_starts: vec![Some(2)],
                     lengths: vec![seq.len()],
                 };
-                let mut hook = FoldHook::new(&model, &plan);
+                let mut hook = FoldHook::new(model, &plan);
                 hook.prompt_ends = Some(vec![prompt_ends[s]]);
                 let state = model
                     .forward(model.embed(&single).unwrap(), &mut hook, None)

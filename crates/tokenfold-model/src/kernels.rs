@@ -351,39 +351,211 @@ fn forward<T: Real>(
         .zip(lse.par_chunks_mut(tq.max(1)))
         .enumerate()
         .for_each(|(bh, (out, lse))| {
-            let q = &q[bh * tq * d..(bh + 1) * tq * d];
-            let k = &k[bh * tk * d..(bh + 1) * tk * d];
-            let v = &v[bh * tk * d..(bh + 1) * tk * d];
-            let bias = &bias[dims.bias_offset(bh)..dims.bias_offset(bh) + tq * tk];
-            let mut scores = vec![T::zero(); TILE * tk];
-            for r0 in (0..tq).step_by(TILE) {
-                let rows = TILE.min(tq - r0);
-                let (lo, hi) = key_range(bias, tk, r0..r0 + rows);
-                let n = hi - lo;
-                let p = &mut scores[..rows * n];
-                scaled_scores(p, (rows, n, d), &q[r0 * d..], &k[lo * d..], real(scale));
-                for r in 0..rows {
-                    let row = &mut p[r * n..(r + 1) * n];
-                    let bias_row = &bias[(r0 + r) * tk + lo..(r0 + r) * tk + hi];
-                    let mut max = T::neg_infinity();
-                    for (x, &b) in row.iter_mut().zip(bias_row) {
-                        *x += b;
-                        max = Float::max(max, *x);
-                    }
-                    let mut sum = T::zero();
-                    for x in row.iter_mut() {
-                        *x = (*x - max).exp();
-                        sum += *x;
-                    }
-                    let inv = sum.recip();
-                    row.iter_mut().for_each(|x| *x *= inv);
-                    lse[r0 + r] = (WithDType::to_f64(max), WithDType::to_f64(sum));
-                }
-                // out = p·v.
-                product(&mut out[r0 * d..], (rows, n, d), p, &v[lo * d..], T::one());
-            }
+            let mut scores = Vec::new();
+            attend(
+                (tq, tk, d),
+                &q[bh * tq * d..(bh + 1) * tq * d],
+                &k[bh * tk * d..(bh + 1) * tk * d],
+                &v[bh * tk * d..(bh + 1) * tk * d],
+                &bias[dims.bias_offset(bh)..dims.bias_offset(bh) + tq * tk],
+                real(scale),
+                (out, lse),
+                &mut scores,
+            );
         });
     (out, lse)
+}
+
+/// One head's attention: `out` (tq × d) = softmax(q·kᵀ·scale + bias)·v for q (tq × d), k and v (tk × d)
+/// and bias (tq × tk), all row-major, in tiles of [`TILE`] query rows; `lse` receives each row's maximum
+/// logit and sum of exponentials. `scores` is scratch space, grown as needed.
+#[allow(clippy::too_many_arguments)]
+fn attend<T: Real>(
+    (tq, tk, d): (usize, usize, usize),
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    bias: &[T],
+    scale: T,
+    (out, lse): (&mut [T], &mut [(f64, f64)]),
+    scores: &mut Vec<T>,
+) {
+    if scores.len() < TILE * tk {
+        scores.resize(TILE * tk, T::zero());
+    }
+    for r0 in (0..tq).step_by(TILE) {
+        let rows = TILE.min(tq - r0);
+        let (lo, hi) = key_range(bias, tk, r0..r0 + rows);
+        let n = hi - lo;
+        let p = &mut scores[..rows * n];
+        scaled_scores(p, (rows, n, d), &q[r0 * d..], &k[lo * d..], scale);
+        for r in 0..rows {
+            let row = &mut p[r * n..(r + 1) * n];
+            let bias_row = &bias[(r0 + r) * tk + lo..(r0 + r) * tk + hi];
+            let mut max = T::neg_infinity();
+            for (x, &b) in row.iter_mut().zip(bias_row) {
+                *x += b;
+                max = Float::max(max, *x);
+            }
+            let mut sum = T::zero();
+            for x in row.iter_mut() {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            let inv = sum.recip();
+            row.iter_mut().for_each(|x| *x *= inv);
+            lse[r0 + r] = (WithDType::to_f64(max), WithDType::to_f64(sum));
+        }
+        // out = p·v.
+        product(&mut out[r0 * d..], (rows, n, d), p, &v[lo * d..], T::one());
+    }
+}
+
+/// The samples of a packed batch: rows laid end to end without padding, each sample attending only to
+/// its own rows.
+#[derive(Debug, Clone, Default)]
+pub struct Segments {
+    /// Per sample, its first packed row and its number of rows.
+    pub spans: Vec<(usize, usize)>,
+    /// Per sample, its additive attention bias (len × len, row-major: mask and per-key terms), end to end
+    /// in sample order.
+    pub bias: Vec<f32>,
+}
+
+impl Segments {
+    /// The rows all samples hold together.
+    pub fn rows(&self) -> usize {
+        self.spans.iter().map(|&(_, len)| len).sum()
+    }
+
+    fn check(&self, rows: usize) -> Result<()> {
+        let mut next = 0;
+        for (s, &(start, len)) in self.spans.iter().enumerate() {
+            if start != next {
+                bail!("packed attention: sample {s} starts at row {start}, expected {next}");
+            }
+            next += len;
+        }
+        if next != rows {
+            bail!("packed attention: the samples hold {next} rows, the queries {rows}");
+        }
+        let squares: usize = self.spans.iter().map(|&(_, len)| len * len).sum();
+        if self.bias.len() != squares {
+            bail!(
+                "packed attention: {} bias values for samples needing {squares}",
+                self.bias.len()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Attention over a packed batch, for inference: q, k and v (1, h, rows, d) hold the samples of
+/// `segments` end to end, and each sample's queries see only its own keys, through its bias block. The
+/// result, (1, rows, h · d) with the heads side by side as the output projection takes them, equals
+/// [`attention`] over the same samples padded to a common length, at their real rows, but computes no
+/// padding. It has no backward pass: inputs that track gradients are refused.
+pub fn segment_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    segments: &Segments,
+    scale: f64,
+) -> Result<Tensor> {
+    let (one, h, rows, d) = q.dims4()?;
+    if one != 1 || k.dims() != q.dims() || v.dims() != q.dims() {
+        bail!(
+            "packed attention: q {:?}, k {:?} and v {:?} must be (1, h, rows, d) alike",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    if [q, k, v].iter().any(|x| x.track_op()) {
+        bail!("packed attention has no backward pass; inputs that need gradients take `attention`");
+    }
+    segments.check(rows)?;
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    macro_rules! run {
+        ($t:ty) => {{
+            let bias: Vec<$t> = segments
+                .bias
+                .iter()
+                .map(|&x| real::<$t>(x as f64))
+                .collect();
+            let out = with_slice::<$t, _>(&q, |q| {
+                with_slice::<$t, _>(&k, |k| {
+                    with_slice::<$t, _>(&v, |v| {
+                        Ok(segment_forward::<$t>(
+                            (h, rows, d),
+                            q,
+                            k,
+                            v,
+                            segments,
+                            &bias,
+                            scale,
+                        ))
+                    })
+                })
+            })?;
+            Tensor::from_vec(out, (1, rows, h * d), q.device())
+        }};
+    }
+    match q.dtype() {
+        DType::F32 => run!(f32),
+        DType::F64 => run!(f64),
+        dtype => bail!("packed attention supports f32 and f64, not {dtype:?}"),
+    }
+}
+
+/// [`segment_attention`]'s arithmetic: heads in parallel, each sample's rows a separate [`attend`]; then
+/// the heads are interleaved into (rows, h · d), rows in parallel.
+#[allow(clippy::too_many_arguments)]
+fn segment_forward<T: Real>(
+    (h, rows, d): (usize, usize, usize),
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    segments: &Segments,
+    bias: &[T],
+    scale: f64,
+) -> Vec<T> {
+    let mut out = vec![T::zero(); h * rows * d];
+    let per_head = rows * d;
+    out.par_chunks_mut(per_head.max(1))
+        .enumerate()
+        .for_each(|(head, out)| {
+            let [q, k, v] = [q, k, v].map(|x| &x[head * per_head..(head + 1) * per_head]);
+            let mut scores = Vec::new();
+            let mut lse = Vec::new();
+            let mut bias_at = 0;
+            for &(start, len) in &segments.spans {
+                let span = start * d..(start + len) * d;
+                lse.resize(len, (0.0, 0.0));
+                attend(
+                    (len, len, d),
+                    &q[span.clone()],
+                    &k[span.clone()],
+                    &v[span.clone()],
+                    &bias[bias_at..bias_at + len * len],
+                    real(scale),
+                    (&mut out[span], &mut lse),
+                    &mut scores,
+                );
+                bias_at += len * len;
+            }
+        });
+    let mut interleaved = vec![T::zero(); h * rows * d];
+    interleaved
+        .par_chunks_mut((h * d).max(1))
+        .enumerate()
+        .for_each(|(row, dst)| {
+            for (head, dst) in dst.chunks_mut(d.max(1)).enumerate() {
+                let from = head * per_head + row * d;
+                dst.copy_from_slice(&out[from..from + d]);
+            }
+        });
+    interleaved
 }
 
 /// Backward pass: gradients of q, k and v given the outputs' gradient `go`.
@@ -780,5 +952,328 @@ impl candle_core::CustomOp1 for Rope {
             dtype => bail!("fused rope supports f32 and f64, not {dtype:?}"),
         };
         Ok(Some(dx))
+    }
+}
+
+/// One projection among those [`split_heads`] separates: its QK-norm weight (hd,), if any, and whether
+/// its heads are rotated.
+pub struct HeadPart<'a> {
+    pub norm: Option<&'a Tensor>,
+    pub rotate: bool,
+}
+
+/// For inference: projections laid side by side in `x` (b, t, parts · h · hd) → one (b, h, t, hd)
+/// tensor per part, each head RMS-normed by its part's weight and rotated by `rope` (cos and sin,
+/// (b, 1, t, hd/2)) where the part asks. The same values as a reshape, a transpose, [`rms_norm`] and
+/// [`rope`] per part, in one pass over the rows instead of five operations and their temporaries. It
+/// has no backward pass: inputs that need gradients are refused.
+pub fn split_heads(
+    x: &Tensor,
+    h: usize,
+    parts: &[HeadPart],
+    rope: (&Tensor, &Tensor),
+    eps: f64,
+) -> Result<Vec<Tensor>> {
+    let (b, t, width) = x.dims3()?;
+    let n = parts.len();
+    if n == 0 || h == 0 || !width.is_multiple_of(n * h) || !(width / (n * h)).is_multiple_of(2) {
+        bail!(
+            "split heads: a width of {width} does not hold {n} parts of {h} heads of an even size"
+        );
+    }
+    let hd = width / (n * h);
+    let tables = [rope.0, rope.1].map(|tab| tab.broadcast_as((b, 1, t, hd / 2)));
+    let [Ok(cos), Ok(sin)] = tables else {
+        bail!(
+            "split heads: rotary tables {:?} and {:?} do not broadcast to ({b}, 1, {t}, {})",
+            rope.0.dims(),
+            rope.1.dims(),
+            hd / 2
+        );
+    };
+    for part in parts {
+        if let Some(norm) = part.norm
+            && norm.elem_count() != hd
+        {
+            bail!(
+                "split heads: a norm weight of {:?} for heads of {hd}",
+                norm.dims()
+            );
+        }
+    }
+    if x.track_op() || parts.iter().any(|p| p.norm.is_some_and(Tensor::track_op)) {
+        bail!("split heads has no backward pass; inputs that need gradients take the plain ops");
+    }
+    let x = x.contiguous()?;
+    let cos = cos.to_dtype(x.dtype())?.contiguous()?;
+    let sin = sin.to_dtype(x.dtype())?.contiguous()?;
+    let norms: Vec<Option<Tensor>> = parts
+        .iter()
+        .map(|p| {
+            p.norm
+                .map(|w| w.to_dtype(x.dtype())?.flatten_all()?.contiguous())
+                .transpose()
+        })
+        .collect::<Result<_>>()?;
+    let rotate: Vec<bool> = parts.iter().map(|p| p.rotate).collect();
+    macro_rules! run {
+        ($t:ty) => {{
+            let norms: Vec<Option<Vec<$t>>> = norms
+                .iter()
+                .map(|w| w.as_ref().map(|w| w.to_vec1::<$t>()).transpose())
+                .collect::<Result<_>>()?;
+            let out = with_slice::<$t, _>(&x, |x| {
+                with_slice::<$t, _>(&cos, |cos| {
+                    with_slice::<$t, _>(&sin, |sin| {
+                        Ok(split_heads_into::<$t>(
+                            (b, t, h, hd),
+                            x,
+                            (cos, sin),
+                            &norms,
+                            &rotate,
+                            eps,
+                        ))
+                    })
+                })
+            })?;
+            Tensor::from_vec(out, (n, b, h, t, hd), x.device())?
+        }};
+    }
+    let all = match x.dtype() {
+        DType::F32 => run!(f32),
+        DType::F64 => run!(f64),
+        dtype => bail!("split heads supports f32 and f64, not {dtype:?}"),
+    };
+    (0..n).map(|p| all.get(p)).collect()
+}
+
+/// [`split_heads`]' arithmetic: (part, sample, head) blocks in parallel, written as (parts, b, h, t, hd).
+fn split_heads_into<T: Real>(
+    (b, t, h, hd): (usize, usize, usize, usize),
+    x: &[T],
+    (cos, sin): (&[T], &[T]),
+    norms: &[Option<Vec<T>>],
+    rotate: &[bool],
+    eps: f64,
+) -> Vec<T> {
+    let parts = norms.len();
+    let width = parts * h * hd;
+    let half = hd / 2;
+    let mut out = vec![T::zero(); parts * b * h * t * hd];
+    out.par_chunks_mut((t * hd).max(1))
+        .enumerate()
+        .for_each(|(block, out)| {
+            let (p, s, head) = (block / (b * h), block / h % b, block % h);
+            for ti in 0..t {
+                let row = s * t + ti;
+                let from = row * width + (p * h + head) * hd;
+                let src = &x[from..from + hd];
+                let y = &mut out[ti * hd..(ti + 1) * hd];
+                match &norms[p] {
+                    Some(w) => {
+                        let inv = inv_rms(src, eps);
+                        for ((y, &x), &w) in y.iter_mut().zip(src).zip(w) {
+                            *y = x * inv * w;
+                        }
+                    }
+                    None => y.copy_from_slice(src),
+                }
+                if rotate[p] {
+                    let (c, sn) = (
+                        &cos[row * half..(row + 1) * half],
+                        &sin[row * half..(row + 1) * half],
+                    );
+                    let (y1, y2) = y.split_at_mut(half);
+                    for i in 0..half {
+                        let (a, z) = (y1[i], y2[i]);
+                        y1[i] = a * c[i] - z * sn[i];
+                        y2[i] = a * sn[i] + z * c[i];
+                    }
+                }
+            }
+        });
+    out
+}
+
+/// For inference: silu(gate) · up for the gate and up projections side by side in `x` (…, 2f), gate
+/// first, giving (…, f). The same values as [`swiglu`] on the two halves, without splitting them into
+/// tensors of their own (one matrix product computes both). It has no backward pass: inputs that need
+/// gradients are refused.
+pub fn swiglu_halves(x: &Tensor) -> Result<Tensor> {
+    let width = x.dim(candle_core::D::Minus1)?;
+    if !width.is_multiple_of(2) {
+        bail!("swiglu halves: an odd width {width} in {:?}", x.dims());
+    }
+    if x.track_op() {
+        bail!("swiglu halves has no backward pass; inputs that need gradients take `swiglu`");
+    }
+    let f = width / 2;
+    let mut shape = x.dims().to_vec();
+    *shape.last_mut().expect("x has a last dimension") = f;
+    let x = x.contiguous()?;
+    macro_rules! run {
+        ($t:ty) => {{
+            let out = with_slice::<$t, _>(&x, |x| {
+                let mut out = vec![<$t>::default(); x.len() / 2];
+                out.par_chunks_mut(f.max(1) * ROWS_PER_CHUNK)
+                    .zip(x.par_chunks(width.max(1) * ROWS_PER_CHUNK))
+                    .for_each(|(out, x)| {
+                        for (y, row) in out.chunks_mut(f.max(1)).zip(x.chunks(width.max(1))) {
+                            let (gate, up) = row.split_at(f);
+                            for ((y, &g), &u) in y.iter_mut().zip(gate).zip(up) {
+                                *y = g * sigmoid(g) * u;
+                            }
+                        }
+                    });
+                Ok(out)
+            })?;
+            Tensor::from_vec(out, shape, x.device())
+        }};
+    }
+    match x.dtype() {
+        DType::F32 => run!(f32),
+        DType::F64 => run!(f64),
+        dtype => bail!("swiglu halves supports f32 and f64, not {dtype:?}"),
+    }
+}
+
+/// For inference: the residual sum x + y and its RMSNorm by `weight` (over the last dimension), in one
+/// pass over the rows instead of an addition and a norm. It has no backward pass: inputs that need
+/// gradients are refused.
+pub fn add_rms_norm(x: &Tensor, y: &Tensor, weight: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    if x.dims() != y.dims() {
+        bail!("add and norm: x {:?} and y {:?} differ", x.dims(), y.dims());
+    }
+    let d = x.dim(candle_core::D::Minus1)?;
+    if weight.elem_count() != d {
+        bail!(
+            "add and norm: a weight of {:?} for rows of {d}",
+            weight.dims()
+        );
+    }
+    if [x, y, weight].iter().any(|t| t.track_op()) {
+        bail!("add and norm has no backward pass; inputs that need gradients take the plain ops");
+    }
+    let (x, y) = (x.contiguous()?, y.contiguous()?);
+    let weight = weight.to_dtype(x.dtype())?.flatten_all()?.contiguous()?;
+    macro_rules! run {
+        ($t:ty) => {{
+            let (sum, normed) = with_slice::<$t, _>(&x, |x| {
+                with_slice::<$t, _>(&y, |y| {
+                    with_slice::<$t, _>(&weight, |w| {
+                        let mut sum = vec![<$t>::default(); x.len()];
+                        let mut normed = vec![<$t>::default(); x.len()];
+                        let chunk = d.max(1) * ROWS_PER_CHUNK;
+                        sum.par_chunks_mut(chunk)
+                            .zip(normed.par_chunks_mut(chunk))
+                            .zip(x.par_chunks(chunk).zip(y.par_chunks(chunk)))
+                            .for_each(|((sum, normed), (x, y))| {
+                                for (((s, n), x), y) in sum
+                                    .chunks_mut(d.max(1))
+                                    .zip(normed.chunks_mut(d.max(1)))
+                                    .zip(x.chunks(d.max(1)))
+                                    .zip(y.chunks(d.max(1)))
+                                {
+                                    for ((s, &a), &b) in s.iter_mut().zip(x).zip(y) {
+                                        *s = a + b;
+                                    }
+                                    let inv = inv_rms(s, eps);
+                                    for ((n, &s), &w) in n.iter_mut().zip(s.iter()).zip(w) {
+                                        *n = s * inv * w;
+                                    }
+                                }
+                            });
+                        Ok((sum, normed))
+                    })
+                })
+            })?;
+            (
+                Tensor::from_vec(sum, x.dims(), x.device())?,
+                Tensor::from_vec(normed, x.dims(), x.device())?,
+            )
+        }};
+    }
+    Ok(match x.dtype() {
+        DType::F32 => run!(f32),
+        DType::F64 => run!(f64),
+        dtype => bail!("add and norm supports f32 and f64, not {dtype:?}"),
+    })
+}
+
+/// For inference: x + a·w for a (…, k) and x (…, n) with the same leading dimensions, and w (k, n): the
+/// product accumulates into a copy of x in one GEMM, instead of a matmul and an addition (the residual
+/// connection after a layer's last projection). It has no backward pass: inputs that need gradients are
+/// refused.
+pub fn matmul_add(x: &Tensor, a: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (k, n) = w.dims2()?;
+    let (a_width, x_width) = (
+        a.dim(candle_core::D::Minus1)?,
+        x.dim(candle_core::D::Minus1)?,
+    );
+    let m = a.elem_count() / k.max(1);
+    let leading = |t: &Tensor| t.dims()[..t.rank() - 1].to_vec();
+    if a_width != k || x_width != n || leading(x) != leading(a) {
+        bail!(
+            "matmul and add: x {:?}, a {:?} and w {:?} do not fit x + a·w",
+            x.dims(),
+            a.dims(),
+            w.dims()
+        );
+    }
+    if [x, a, w].iter().any(|t| t.track_op()) {
+        bail!("matmul and add has no backward pass; inputs that need gradients take the plain ops");
+    }
+    let (x, a, w) = (x.contiguous()?, a.contiguous()?, w.contiguous()?);
+    let threads = candle_core::utils::get_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    macro_rules! run {
+        ($t:ty) => {{
+            let out = with_slice::<$t, _>(&x, |x| {
+                with_slice::<$t, _>(&a, |a| {
+                    with_slice::<$t, _>(&w, |w| {
+                        let mut out = x.to_vec();
+                        if m > 0 && n > 0 {
+                            // SAFETY: out is m × n, a is m × k and w is k × n, all row-major and
+                            // contiguous (checked above), and out is a fresh buffer that aliases
+                            // neither input.
+                            unsafe {
+                                gemm::gemm(
+                                    m,
+                                    n,
+                                    k,
+                                    out.as_mut_ptr(),
+                                    1,
+                                    n as isize,
+                                    true,
+                                    a.as_ptr(),
+                                    1,
+                                    k as isize,
+                                    w.as_ptr(),
+                                    1,
+                                    n as isize,
+                                    1.0 as $t,
+                                    1.0 as $t,
+                                    false,
+                                    false,
+                                    false,
+                                    parallelism,
+                                );
+                            }
+                        }
+                        Ok(out)
+                    })
+                })
+            })?;
+            Tensor::from_vec(out, x.dims(), x.device())
+        }};
+    }
+    match (x.dtype(), a.dtype(), w.dtype()) {
+        (DType::F32, DType::F32, DType::F32) => run!(f32),
+        (DType::F64, DType::F64, DType::F64) => run!(f64),
+        dtypes => bail!("matmul and add supports f32 or f64 throughout, not {dtypes:?}"),
     }
 }

@@ -24,6 +24,7 @@ use rand_chacha::ChaCha8Rng;
 use tokenfold_data::Batch;
 
 use crate::config::ModelConfig;
+use crate::kernels::{HeadPart, add_rms_norm, matmul_add, split_heads, swiglu_halves};
 use crate::moe::{LayerRouting, Moe};
 use crate::ops::{
     MASKED, apply_rope, attention, cross_entropy_rows, rms_norm, rope_tables, swiglu,
@@ -90,6 +91,28 @@ impl SeqState {
         self.len() == 0
     }
 
+    /// An error naming the first per-token field whose length is not the hidden states' b × t (a hook
+    /// that changed one without the others).
+    pub fn check(&self) -> Result<()> {
+        let rows = self.batch() * self.len();
+        let key_bias = self.key_bias.as_ref().map_or(rows, Tensor::elem_count);
+        for (field, len) in [
+            ("positions", self.positions.len()),
+            ("is_image", self.is_image.len()),
+            ("valid", self.valid.len()),
+            ("key_bias", key_bias),
+        ] {
+            if len != rows {
+                candle_core::bail!(
+                    "sequence state: {field} holds {len} entries for hidden states of {} × {} rows",
+                    self.batch(),
+                    self.len()
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// The additive attention bias (b, 1, t, t): 0 where query i may see key j — j is valid and either
     /// not after i or both are image tokens — and [`MASKED`] elsewhere; plus the per-key bias.
     pub fn attention_bias(&self) -> Result<Tensor> {
@@ -127,11 +150,142 @@ pub trait LayerHook {
     fn capture(&self, _layer: usize) -> bool {
         false
     }
+    /// Whether [`Self::before_layer`] at `layer` may read or change [`SeqState::hidden`]. When it says
+    /// no, an inference forward pass that packs its rows (see [`NativeModel::forward`]) may leave
+    /// `hidden` out of date during that call instead of unpacking it; the metadata is always current.
+    fn reads_hidden(&self, _layer: usize) -> bool {
+        true
+    }
 }
 
 /// The plain forward pass.
 pub struct NoHook;
-impl LayerHook for NoHook {}
+impl LayerHook for NoHook {
+    fn reads_hidden(&self, _layer: usize) -> bool {
+        false
+    }
+}
+
+/// Whether new models pack the rows of their inference passes (unless `TOKENFOLD_PACKED` is `0`).
+fn packing_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var("TOKENFOLD_PACKED").map_or(true, |v| v != "0"))
+}
+
+/// A padded batch's valid rows laid end to end, which an inference forward pass computes instead of the
+/// padded (b, t) grid: after token reduction, samples keep different numbers of tokens, and padding them
+/// to the longest would compute rows that are thrown away.
+pub(crate) struct Packing {
+    b: usize,
+    t: usize,
+    /// The padded index (s·t + j) of each packed row, sample by sample: (rows,) u32.
+    rows: Tensor,
+    /// Per padded index, its packed row, or `rows` (a zero row appended when unpacking) for padding:
+    /// (b·t,) u32.
+    unpack: Tensor,
+    segments: crate::kernels::Segments,
+    /// Rotary tables (1, 1, rows, hd/2) at the packed rows' positions.
+    rope: (Tensor, Tensor),
+    /// Per packed row, whether it is an image token.
+    is_image: Vec<bool>,
+}
+
+impl Packing {
+    /// The packing of `state`'s valid rows, with each sample's attention bias as [`SeqState::attention_bias`]
+    /// would give it.
+    fn new(model: &NativeModel, state: &SeqState) -> Result<Packing> {
+        let (b, t) = (state.batch(), state.len());
+        let key_bias: Option<Vec<f32>> = state
+            .key_bias
+            .as_ref()
+            .map(|kb| kb.flatten_all()?.to_dtype(DType::F32)?.to_vec1())
+            .transpose()?;
+        let mut rows = Vec::new();
+        let mut unpack = Vec::with_capacity(b * t);
+        let mut segments = crate::kernels::Segments::default();
+        for s in 0..b {
+            let mine: Vec<usize> = (s * t..(s + 1) * t).filter(|&r| state.valid[r]).collect();
+            segments.spans.push((rows.len(), mine.len()));
+            for &i in &mine {
+                for &j in &mine {
+                    let visible = state.positions[j] <= state.positions[i]
+                        || (state.is_image[i] && state.is_image[j]);
+                    let extra = key_bias.as_ref().map_or(0.0, |kb| kb[j]);
+                    segments.bias.push(if visible { extra } else { MASKED });
+                }
+            }
+            rows.extend(mine.iter().map(|&r| r as u32));
+        }
+        let n = rows.len();
+        let mut packed_at = vec![n as u32; b * t];
+        for (p, &r) in rows.iter().enumerate() {
+            packed_at[r as usize] = p as u32;
+        }
+        unpack.extend(packed_at);
+        let positions: Vec<u32> = rows.iter().map(|&r| state.positions[r as usize]).collect();
+        let is_image = rows.iter().map(|&r| state.is_image[r as usize]).collect();
+        let device = state.hidden.device();
+        Ok(Packing {
+            b,
+            t,
+            rope: model.rope_for(&positions, 1, n)?,
+            rows: Tensor::from_vec(rows, n, device)?,
+            unpack: Tensor::from_vec(unpack, b * t, device)?,
+            segments,
+            is_image,
+        })
+    }
+
+    fn len(&self) -> usize {
+        self.is_image.len()
+    }
+
+    /// Padded hidden states (b, t, d) to packed (1, rows, d).
+    fn pack(&self, hidden: &Tensor) -> Result<Tensor> {
+        let d = hidden.dim(2)?;
+        hidden
+            .reshape((self.b * self.t, d))?
+            .index_select(&self.rows, 0)?
+            .reshape((1, self.len(), d))
+    }
+
+    /// Packed (1, rows, d) back to padded (b, t, d), padding rows zero.
+    fn unpack(&self, packed: &Tensor) -> Result<Tensor> {
+        let d = packed.dim(2)?;
+        let zero = Tensor::zeros((1, 1, d), packed.dtype(), packed.device())?;
+        Tensor::cat(&[packed, &zero], 1)?
+            .index_select(&self.unpack, 1)?
+            .reshape((self.b, self.t, d))
+    }
+
+    /// Packed heads (1, h, rows, hd) back to padded (b, h, t, hd), padding rows zero.
+    fn unpack_heads(&self, packed: &Tensor) -> Result<Tensor> {
+        let (_, h, _, hd) = packed.dims4()?;
+        let zero = Tensor::zeros((1, h, 1, hd), packed.dtype(), packed.device())?;
+        Tensor::cat(&[packed, &zero], 2)?
+            .index_select(&self.unpack, 2)?
+            .reshape((h, self.b, self.t, hd))?
+            .transpose(0, 1)?
+            .contiguous()
+    }
+}
+
+/// How the layers of a forward pass lay out their rows until the tokens change.
+enum Layout {
+    /// The padded (b, t) grid, with its rotary tables and dense mask (b, 1, t, t).
+    Dense {
+        rope: (Tensor, Tensor),
+        bias: Tensor,
+    },
+    Packed(Packing),
+}
+
+/// How a layer's rows attend: a dense additive bias over a padded batch, or a packed batch's samples.
+pub(crate) enum Mask<'a> {
+    /// (b, 1 or h, tq, tk), or anything that broadcasts to it.
+    Dense(&'a Tensor),
+    Packed(&'a Packing),
+}
 
 /// Keys and values of one layer for generation, with which cached keys are valid, per sample.
 #[derive(Debug, Clone)]
@@ -240,6 +394,9 @@ enum Ffn {
         gate_proj: Proj,
         up_proj: Proj,
         down_proj: Proj,
+        /// Once prepared for inference: the gate and up weights side by side, (d, 2·d_ff), so that an
+        /// inference pass computes both in one matmul.
+        gate_up_transposed: Option<Tensor>,
     },
     Experts(Moe),
 }
@@ -310,6 +467,15 @@ impl Proj {
     }
 }
 
+/// Whether `x` may take the inference-only kernels (those without a backward pass): it tracks no
+/// gradient, and the fused kernels run on it.
+fn inference_kernels(x: &Tensor) -> bool {
+    crate::kernels::fused_enabled()
+        && !x.track_op()
+        && x.device().is_cpu()
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+}
+
 /// Heads (b, h, t, hd) QK-normed by `norm` and rotated by `rope` where given.
 fn norm_and_rotate(
     mut x: Tensor,
@@ -360,6 +526,7 @@ impl Block {
                     gate_proj: Proj::new(linear(&vb.pp("mlp"), d, cfg.d_ff, std, "gate_proj")?),
                     up_proj: Proj::new(linear(&vb.pp("mlp"), d, cfg.d_ff, std, "up_proj")?),
                     down_proj: Proj::new(linear(&vb.pp("mlp"), cfg.d_ff, d, out_std, "down_proj")?),
+                    gate_up_transposed: None,
                 },
                 Some(moe) => Ffn::Experts(Moe::new(
                     moe,
@@ -392,8 +559,11 @@ impl Block {
             gate_proj,
             up_proj,
             down_proj,
+            gate_up_transposed,
         } = &mut self.ffn
         {
+            let weights = [&*gate_proj, &*up_proj].map(|p| p.linear.weight().detach());
+            *gate_up_transposed = Some(Tensor::cat(&weights, 0)?.t()?.contiguous()?);
             for proj in [gate_proj, up_proj, down_proj] {
                 proj.prepare_inference()?;
             }
@@ -414,14 +584,34 @@ impl Block {
         if let (Some(w), true) = (&self.attn.qkv_transposed, with_values) {
             let (b, t, d) = normed.dims3()?;
             let (h, hd) = (cfg.n_heads, cfg.head_dim());
+            let qkv = normed.reshape((b * t, d))?.matmul(w)?;
+            let attn = &self.attn;
+            if inference_kernels(&qkv) {
+                let parts = [
+                    HeadPart {
+                        norm: attn.q_norm.as_ref(),
+                        rotate: true,
+                    },
+                    HeadPart {
+                        norm: attn.k_norm.as_ref(),
+                        rotate: true,
+                    },
+                    HeadPart {
+                        norm: None,
+                        rotate: false,
+                    },
+                ];
+                let [q, k, v]: [Tensor; 3] =
+                    split_heads(&qkv.reshape((b, t, 3 * d))?, h, &parts, rope, cfg.norm_eps)?
+                        .try_into()
+                        .expect("three parts");
+                return Ok((q, k, Some(v)));
+            }
             // (b·t, 3d) → (3, b, h, t, hd) in one copy; q, k and v are then contiguous slices of it.
-            let qkv = normed
-                .reshape((b * t, d))?
-                .matmul(w)?
+            let qkv = qkv
                 .reshape((b, t, 3, h, hd))?
                 .permute((2, 0, 3, 1, 4))?
                 .contiguous()?;
-            let attn = &self.attn;
             return Ok((
                 norm_and_rotate(qkv.i(0)?, attn.q_norm.as_ref(), Some(rope), cfg)?,
                 norm_and_rotate(qkv.i(1)?, attn.k_norm.as_ref(), Some(rope), cfg)?,
@@ -467,8 +657,16 @@ impl Block {
     ) -> Result<Tensor> {
         let (b, t, _) = normed.dims3()?;
         let (h, hd) = (cfg.n_heads, cfg.head_dim());
-        let x = proj
-            .forward(normed)?
+        let projected = proj.forward(normed)?;
+        if inference_kernels(&projected)
+            && let Some((cos, sin)) = rope
+        {
+            let part = HeadPart { norm, rotate: true };
+            return split_heads(&projected, h, &[part], (cos, sin), cfg.norm_eps)?
+                .pop()
+                .ok_or_else(|| candle_core::Error::Msg("split heads gave no part".into()));
+        }
+        let x = projected
             .reshape((b, t, h, hd))?
             .transpose(1, 2)?
             .contiguous()?;
@@ -476,13 +674,15 @@ impl Block {
     }
 
     /// One layer. `cache`, when given, receives this call's keys and values (and their validity and key
-    /// bias) appended to what it holds; `bias` must then cover the cached keys followed by the new ones.
+    /// bias, per padded row) appended to what it holds; a dense `mask` must then cover the cached keys
+    /// followed by the new ones. With a packed `mask`, `x` holds the packed rows (1, rows, d), the cache
+    /// must be empty and receives them padded again, and `is_image` is per packed row.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn forward(
         &self,
         x: &Tensor,
         rope: (&Tensor, &Tensor),
-        bias: &Tensor,
+        mask: Mask,
         cfg: &ModelConfig,
         cache: Option<&mut Option<LayerCache>>,
         new_keys: (&[bool], &[f32]),
@@ -492,6 +692,29 @@ impl Block {
         let (q, k, v) = self.queries_keys(x, rope, cfg, true)?;
         let v = v.ok_or_else(|| candle_core::Error::Msg("values were not computed".into()))?;
         let (new_valid, new_bias) = new_keys;
+        let bias = match mask {
+            Mask::Dense(bias) => bias,
+            Mask::Packed(packing) => {
+                if let Some(slot) = cache {
+                    if slot.is_some() {
+                        candle_core::bail!(
+                            "a packed layer can only start a KV cache, not extend one"
+                        );
+                    }
+                    *slot = Some(LayerCache {
+                        k: packing.unpack_heads(&k)?,
+                        v: packing.unpack_heads(&v)?,
+                        valid: new_valid.to_vec(),
+                        key_bias: new_bias.to_vec(),
+                    });
+                }
+                let scale = 1.0 / (cfg.head_dim() as f64).sqrt();
+                let attended =
+                    crate::kernels::segment_attention(&q, &k, &v, &packing.segments, scale)?;
+                let all_valid = vec![true; t];
+                return self.finish(x, &attended, q, k, cfg, (&all_valid, is_image));
+            }
+        };
         let (k_all, v_all) = match cache {
             Some(slot) => {
                 let (k_all, v_all, valid, key_bias) = match slot.take() {
@@ -528,28 +751,55 @@ impl Block {
         let attended = attention(&q, &k_all, &v_all, bias)?
             .transpose(1, 2)?
             .reshape((b, t, d))?;
-        let x = (x + self.attn.o_proj.forward(&attended)?)?;
-        let normed = rms_norm(&x, &self.mlp_norm, cfg.norm_eps)?;
-        let (mlp, aux_loss, routing) = match &self.ffn {
+        self.finish(x, &attended, q, k, cfg, (new_valid, is_image))
+    }
+
+    /// The rest of a layer after attention: output projection, residual, and the feed-forward part, with
+    /// the validity and modality of `x`'s rows.
+    fn finish(
+        &self,
+        x: &Tensor,
+        attended: &Tensor,
+        q: Tensor,
+        k: Tensor,
+        cfg: &ModelConfig,
+        (new_valid, is_image): (&[bool], &[bool]),
+    ) -> Result<LayerOutput> {
+        let projected = self.attn.o_proj.forward(attended)?;
+        let (x, normed) =
+            if inference_kernels(&projected) && inference_kernels(x) && !self.mlp_norm.track_op() {
+                add_rms_norm(x, &projected, &self.mlp_norm, cfg.norm_eps)?
+            } else {
+                let x = (x + projected)?;
+                let normed = rms_norm(&x, &self.mlp_norm, cfg.norm_eps)?;
+                (x, normed)
+            };
+        let (hidden, aux_loss, routing) = match &self.ffn {
             Ffn::Dense {
                 gate_proj,
                 up_proj,
                 down_proj,
-            } => (
-                down_proj.forward(&swiglu(
-                    &gate_proj.forward(&normed)?,
-                    &up_proj.forward(&normed)?,
-                )?)?,
-                None,
-                None,
-            ),
+                gate_up_transposed,
+            } => match (gate_up_transposed, &down_proj.transposed) {
+                (Some(gate_up), Some(down)) if inference_kernels(&normed) => {
+                    let (b, t, d) = normed.dims3()?;
+                    let activated = swiglu_halves(&normed.reshape((b * t, d))?.matmul(gate_up)?)?;
+                    let hidden = matmul_add(&x, &activated.reshape((b, t, ()))?, down)?;
+                    (hidden, None, None)
+                }
+                _ => {
+                    let activated =
+                        swiglu(&gate_proj.forward(&normed)?, &up_proj.forward(&normed)?)?;
+                    ((x + down_proj.forward(&activated)?)?, None, None)
+                }
+            },
             Ffn::Experts(moe) => {
                 let out = moe.forward(&normed, is_image, new_valid)?;
-                (out.output, out.aux_loss, Some(out.routing))
+                ((x + out.output)?, out.aux_loss, Some(out.routing))
             }
         };
         Ok(LayerOutput {
-            hidden: (x + mlp)?,
+            hidden,
             q,
             k,
             aux_loss,
@@ -578,6 +828,9 @@ enum ImageInput {
         patch_bias: Tensor,
         image_row: Tensor,
         image_col: Tensor,
+        /// Once prepared for inference: the weight transposed to (patch_dim, d), and the bias plus the 2-D
+        /// positions, (grid², d), which the embedding then adds in one operation.
+        prepared: Option<(Tensor, Tensor)>,
     },
     /// Late fusion: a ViT encoder and connector.
     Encoder(Box<VisionEncoder>),
@@ -597,6 +850,10 @@ pub struct NativeModel {
     rope_cos: Tensor,
     rope_sin: Tensor,
     device: Device,
+    /// A frozen model's weights by name (its `varmap` is empty), so that it can be frozen again.
+    frozen_weights: Option<HashMap<String, Tensor>>,
+    /// Whether inference passes over padded batches pack their rows (see [`NativeModel::forward`]).
+    pack_rows: bool,
 }
 
 impl NativeModel {
@@ -648,6 +905,7 @@ impl NativeModel {
                     patch_bias: vb.get_with_hints(d, "patch_embed.bias", Init::Const(0.0))?,
                     image_row: position("image_pos.row")?,
                     image_col: position("image_pos.col")?,
+                    prepared: None,
                 }
             }
             Some(vision) => {
@@ -688,23 +946,30 @@ impl NativeModel {
             rope_cos,
             rope_sin,
             device: device.clone(),
+            frozen_weights: None,
+            pack_rows: packing_enabled(),
         })
     }
 
     /// A copy whose parameters are plain tensors rather than variables, sharing their storage: gradients
-    /// flow through it to its inputs (a search's parameters) without being computed for its own weights.
-    /// Its `varmap` is empty.
+    /// flow through it to its inputs (a search's parameters) without being computed for its own weights,
+    /// and a pass with no such inputs builds no gradient graph at all. Its `varmap` is empty.
     pub fn frozen(&self) -> Result<NativeModel> {
-        let tensors: std::collections::HashMap<String, Tensor> = self
-            .varmap
-            .data()
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("poisoned variable map".into()))?
-            .iter()
-            .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
-            .collect();
-        let vb = VarBuilder::from_tensors(tensors, DType::F32, &self.device);
+        let tensors: HashMap<String, Tensor> = match &self.frozen_weights {
+            Some(weights) => weights.clone(),
+            None => self
+                .varmap
+                .data()
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("poisoned variable map".into()))?
+                .iter()
+                .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
+                .collect(),
+        };
+        let vb = VarBuilder::from_tensors(tensors.clone(), DType::F32, &self.device);
         let mut frozen = Self::build(self.config.clone(), VarMap::new(), vb, &self.device)?;
+        frozen.frozen_weights = Some(tensors);
+        frozen.pack_rows = self.pack_rows;
         if self.is_prepared_for_inference() {
             frozen.prepare_inference()?;
         }
@@ -719,6 +984,24 @@ impl NativeModel {
     pub fn prepare_inference(&mut self) -> Result<()> {
         for block in &mut self.blocks {
             block.prepare_inference()?;
+        }
+        if let ImageInput::Linear {
+            patch_embed,
+            patch_bias,
+            image_row,
+            image_col,
+            prepared,
+        } = &mut self.image
+        {
+            let d = self.config.d_model;
+            let pos2d = image_row
+                .unsqueeze(1)?
+                .broadcast_add(&image_col.unsqueeze(0)?)?
+                .reshape(((), d))?;
+            *prepared = Some((
+                patch_embed.weight().detach().t()?.contiguous()?,
+                pos2d.broadcast_add(patch_bias)?.detach(),
+            ));
         }
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         self.head_transposed = Some(head.detach().t()?.contiguous()?);
@@ -767,8 +1050,22 @@ impl NativeModel {
         &self.device
     }
 
+    /// Whether inference passes over padded batches pack their rows: on by default, off where the
+    /// environment sets `TOKENFOLD_PACKED=0`.
+    pub fn packs_rows(&self) -> bool {
+        self.pack_rows
+    }
+
+    /// Turns row packing on or off, e.g. to compare the two layouts.
+    pub fn set_pack_rows(&mut self, on: bool) {
+        self.pack_rows = on;
+    }
+
     pub fn parameter_count(&self) -> usize {
-        self.varmap.all_vars().iter().map(|v| v.elem_count()).sum()
+        match &self.frozen_weights {
+            Some(weights) => weights.values().map(Tensor::elem_count).sum(),
+            None => self.varmap.all_vars().iter().map(|v| v.elem_count()).sum(),
+        }
     }
 
     /// Embeds a batch: patch embeddings at each image span, token embeddings elsewhere.
@@ -786,10 +1083,28 @@ impl NativeModel {
             (_, false) => None,
             (
                 ImageInput::Linear {
+                    prepared: Some((weight, offset)),
+                    ..
+                },
+                true,
+            ) if inference_kernels(&inputs.patches) => {
+                let (b, n, p) = inputs.patches.dims3()?;
+                Some(
+                    inputs
+                        .patches
+                        .reshape((b * n, p))?
+                        .matmul(weight)?
+                        .reshape((b, n, self.config.d_model))?
+                        .broadcast_add(offset)?,
+                )
+            }
+            (
+                ImageInput::Linear {
                     patch_embed,
                     patch_bias,
                     image_row,
                     image_col,
+                    ..
                 },
                 true,
             ) => {
@@ -876,6 +1191,12 @@ impl NativeModel {
 
     /// Runs every layer over `state`, calling `hook` before each. With `cache`, each layer's keys and
     /// values are stored for generation.
+    ///
+    /// An inference pass (nothing tracks gradients, fused kernels on) over a batch with padding packs
+    /// the valid rows end to end and computes only those: samples hold different numbers of tokens,
+    /// most of all after a reduction, and a padded batch computes every sample at the longest length.
+    /// `hidden` is unpacked again (padding rows zero) before each hook call that [`LayerHook::reads_hidden`],
+    /// for captured queries and keys, and at the end. `TOKENFOLD_PACKED=0` keeps the padded layout.
     pub fn forward(
         &self,
         mut state: SeqState,
@@ -885,32 +1206,64 @@ impl NativeModel {
         if let Some(cache) = cache.as_deref_mut() {
             cache.layers = vec![None; self.blocks.len()];
         }
-        let mut layout: Option<((Tensor, Tensor), Tensor)> = None;
+        let mut layout: Option<Layout> = None;
+        // The packed hidden states while the layout is packed; `state.hidden` is then out of date.
+        let mut packed: Option<Tensor> = None;
         for (i, block) in self.blocks.iter().enumerate() {
+            if let (Some(Layout::Packed(packing)), Some(hidden)) = (&layout, &packed)
+                && hook.reads_hidden(i)
+            {
+                state.hidden = packing.unpack(hidden)?;
+                packed = None;
+            }
             let changed = hook.before_layer(i, &mut state)?;
             if changed || layout.is_none() {
-                let (b, t) = (state.batch(), state.len());
-                layout = Some((
-                    self.rope_for(&state.positions, b, t)?,
-                    state.attention_bias()?,
-                ));
+                if let (Some(Layout::Packed(packing)), Some(hidden)) = (&layout, packed.take()) {
+                    state.hidden = packing.unpack(&hidden)?;
+                }
+                layout = Some(self.layout(&state)?);
             }
-            let (rope, bias) = layout.as_ref().expect("layout was just built");
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let key_bias = match (&slot, &state.key_bias) {
                 (Some(_), Some(bias)) => bias.flatten_all()?.to_vec1::<f32>()?,
                 _ => vec![0.0; state.valid.len()],
             };
-            let out = block.forward(
-                &state.hidden,
-                (&rope.0, &rope.1),
-                bias,
-                &self.config,
-                slot,
-                (&state.valid, &key_bias),
-                &state.is_image,
-            )?;
-            state.hidden = out.hidden;
+            let out = match layout.as_ref().expect("layout was just built") {
+                Layout::Dense { rope, bias } => {
+                    let out = block.forward(
+                        &state.hidden,
+                        (&rope.0, &rope.1),
+                        Mask::Dense(bias),
+                        &self.config,
+                        slot,
+                        (&state.valid, &key_bias),
+                        &state.is_image,
+                    )?;
+                    state.hidden = out.hidden.clone();
+                    out
+                }
+                Layout::Packed(packing) => {
+                    let hidden = match packed.take() {
+                        Some(hidden) => hidden,
+                        None => packing.pack(&state.hidden)?,
+                    };
+                    let mut out = block.forward(
+                        &hidden,
+                        (&packing.rope.0, &packing.rope.1),
+                        Mask::Packed(packing),
+                        &self.config,
+                        slot,
+                        (&state.valid, &key_bias),
+                        &packing.is_image,
+                    )?;
+                    packed = Some(out.hidden.clone());
+                    if hook.capture(i) {
+                        out.q = packing.unpack_heads(&out.q)?;
+                        out.k = packing.unpack_heads(&out.k)?;
+                    }
+                    out
+                }
+            };
             state.captured = hook.capture(i).then_some((out.q, out.k));
             if let Some(aux) = out.aux_loss {
                 state.aux_loss = Some(match state.aux_loss.take() {
@@ -921,6 +1274,9 @@ impl NativeModel {
             if let Some(routing) = out.routing {
                 state.routing.push(routing);
             }
+        }
+        if let (Some(Layout::Packed(packing)), Some(hidden)) = (&layout, &packed) {
+            state.hidden = packing.unpack(hidden)?;
         }
         if let Some(cache) = cache {
             let t = state.len();
@@ -935,6 +1291,24 @@ impl NativeModel {
                 .collect();
         }
         Ok(state)
+    }
+
+    /// How the layers run over `state` until its tokens change: packed when this is an inference pass
+    /// over a batch with padding (see [`Self::forward`]), padded with a dense mask otherwise.
+    fn layout(&self, state: &SeqState) -> Result<Layout> {
+        state.check()?;
+        if self.pack_rows
+            && inference_kernels(&state.hidden)
+            && state.key_bias.as_ref().is_none_or(|kb| !kb.track_op())
+            && state.valid.iter().any(|&v| !v)
+        {
+            return Ok(Layout::Packed(Packing::new(self, state)?));
+        }
+        let (b, t) = (state.batch(), state.len());
+        Ok(Layout::Dense {
+            rope: self.rope_for(&state.positions, b, t)?,
+            bias: state.attention_bias()?,
+        })
     }
 
     pub fn n_layers(&self) -> usize {
@@ -1171,7 +1545,7 @@ impl NativeModel {
                 .forward(
                     &hidden,
                     (&rope.0, &rope.1),
-                    &bias,
+                    Mask::Dense(&bias),
                     &self.config,
                     Some(&mut cache.layers[i]),
                     (&new_valid, &new_bias),

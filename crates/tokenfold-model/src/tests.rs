@@ -171,12 +171,8 @@ fn swiglu_gradient() {
     );
 }
 
-#[test]
-fn fused_elementwise_kernels_match_the_plain_ops_in_values_and_gradients() {
-    let f32_randn = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap();
-    // Shapes cross the kernels' chunk sizes (64 rows, 2^14 elements).
-    let (b, h, t, hd) = (3, 4, 37, 16);
-    let positions: Vec<u32> = (0..b * t).map(|i| (i % t + i / t) as u32).collect();
+/// Rotary tables (b, 1, t, hd/2) gathered at `positions` (b × t, row-major), as the model gathers them.
+fn rope_rows(hd: usize, positions: Vec<u32>, (b, t): (usize, usize)) -> (Tensor, Tensor) {
     let (cos, sin) = ops::rope_tables(hd, 64, 10_000.0, &Device::Cpu).unwrap();
     let ids = Tensor::from_vec(positions, b * t, &Device::Cpu).unwrap();
     let table = |tab: &Tensor| {
@@ -185,7 +181,16 @@ fn fused_elementwise_kernels_match_the_plain_ops_in_values_and_gradients() {
             .reshape((b, 1, t, hd / 2))
             .unwrap()
     };
-    let (cos, sin) = (table(&cos), table(&sin));
+    (table(&cos), table(&sin))
+}
+
+#[test]
+fn fused_elementwise_kernels_match_the_plain_ops_in_values_and_gradients() {
+    let f32_randn = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap();
+    // Shapes cross the kernels' chunk sizes (64 rows, 2^14 elements).
+    let (b, h, t, hd) = (3, 4, 37, 16);
+    let positions: Vec<u32> = (0..b * t).map(|i| (i % t + i / t) as u32).collect();
+    let (cos, sin) = rope_rows(hd, positions, (b, t));
     type Op<'a> = Box<dyn Fn(&[Tensor], bool) -> candle_core::Result<Tensor> + 'a>;
     let cases: Vec<(&str, Vec<Tensor>, Op)> = vec![
         (
@@ -1547,4 +1552,342 @@ fn a_data_tokenizer_that_merges_digits_is_replaced_and_one_that_splits_them_is_k
         on_disk.encode("what number is written? 47").unwrap()
     );
     assert_eq!(std::fs::read(&data_tokenizer).unwrap(), before);
+}
+
+// ---------------------------------------------------------------- packed rows
+
+#[test]
+fn packed_attention_equals_padded_attention_at_the_real_rows() {
+    // Sample 0 crosses a 64-row tile, sample 2 holds no rows, the bias carries per-key terms.
+    let (lengths, t, h, d) = ([70, 41, 0, 3], 70, 4, 16);
+    let bias = model_like_bias(&lengths, t, (3, 20));
+    let randn = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap();
+    let (q, k, v) = (
+        randn(&[4, h, t, d]),
+        randn(&[4, h, t, d]),
+        randn(&[4, h, t, d]),
+    );
+    let reference = ops::attention_plain(&q, &k, &v, &bias).unwrap();
+    let mut segments = crate::kernels::Segments::default();
+    let mut start = 0;
+    for (s, &len) in lengths.iter().enumerate() {
+        segments.spans.push((start, len));
+        let block: Vec<f32> = bias
+            .i((s, 0, ..len, ..len))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        segments.bias.extend(block);
+        start += len;
+    }
+    let pack = |x: &Tensor| {
+        let parts: Vec<Tensor> = lengths
+            .iter()
+            .enumerate()
+            .map(|(s, &len)| x.i(s).unwrap().narrow(1, 0, len).unwrap())
+            .collect();
+        Tensor::cat(&parts, 1).unwrap().unsqueeze(0).unwrap()
+    };
+    let scale = 1.0 / (d as f64).sqrt();
+    let packed =
+        crate::kernels::segment_attention(&pack(&q), &pack(&k), &pack(&v), &segments, scale)
+            .unwrap();
+    let rows = segments.rows();
+    let reference = pack(&reference)
+        .transpose(1, 2)
+        .unwrap()
+        .reshape((1, rows, h * d))
+        .unwrap();
+    let error = relative_error(&packed, &reference);
+    assert!(error < 1e-5, "packed attention differs by {error:.2e}");
+
+    // Inconsistent segments and inputs that need gradients are refused.
+    let mut short = segments.clone();
+    short.spans[1].1 -= 1;
+    let err = crate::kernels::segment_attention(&pack(&q), &pack(&k), &pack(&v), &short, scale)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("sample 2 starts at row"), "{err}");
+    let var = candle_core::Var::from_tensor(&pack(&q)).unwrap();
+    let err =
+        crate::kernels::segment_attention(var.as_tensor(), &pack(&k), &pack(&v), &segments, scale)
+            .unwrap_err()
+            .to_string();
+    assert!(err.contains("no backward pass"), "{err}");
+}
+
+/// Before layer 1: marks the first image tokens of every sample invalid and gives every key a bias (what a
+/// merging stage leaves); keeps the queries and keys captured from layer 0.
+struct MaskAndCapture {
+    drop: usize,
+    captured: Option<(Tensor, Tensor)>,
+}
+
+impl crate::model::LayerHook for MaskAndCapture {
+    fn before_layer(
+        &mut self,
+        layer: usize,
+        state: &mut crate::model::SeqState,
+    ) -> candle_core::Result<bool> {
+        if layer != 1 {
+            return Ok(false);
+        }
+        self.captured = state.captured.take();
+        let (b, t) = (state.batch(), state.len());
+        for s in 0..b {
+            let image: Vec<usize> = (0..t).filter(|&j| state.is_image[s * t + j]).collect();
+            for &j in image.iter().take(self.drop) {
+                state.valid[s * t + j] = false;
+            }
+        }
+        let key_bias: Vec<f32> = (0..b * t).map(|r| 0.1 * ((r % 5) as f32 - 2.0)).collect();
+        state.key_bias = Some(Tensor::from_vec(key_bias, (b, t), state.hidden.device())?);
+        Ok(true)
+    }
+
+    fn capture(&self, layer: usize) -> bool {
+        layer == 0
+    }
+}
+
+/// `x` (b, …, t, …) at the real rows of `valid` (b × t) along dimension `dim`, samples end to end.
+fn real_rows(x: &Tensor, valid: &[bool], dim: usize) -> Tensor {
+    let b = x.dim(0).unwrap();
+    let t = valid.len() / b;
+    let parts: Vec<Tensor> = (0..b)
+        .map(|s| {
+            let rows: Vec<u32> = (0..t as u32)
+                .filter(|&j| valid[s * t + j as usize])
+                .collect();
+            let n = rows.len();
+            x.i(s)
+                .unwrap()
+                .index_select(&Tensor::from_vec(rows, n, &Device::Cpu).unwrap(), dim - 1)
+                .unwrap()
+        })
+        .collect();
+    Tensor::cat(&parts, dim - 1).unwrap()
+}
+
+#[test]
+fn a_packed_forward_equals_the_padded_one_through_prefill_capture_and_decoding() {
+    let seq = tiny_seq();
+    // Prompts of three lengths: the batch has padding, so an inference pass packs its rows.
+    let mut items = samples(Task::Relation, 1);
+    items.extend(samples(Task::Exist, 1));
+    items.extend(samples(Task::Caption, 1));
+    let inputs = prompt_batch(&seq, &items);
+    assert!(inputs.lengths.iter().any(|&l| l != inputs.lengths[0]));
+    let configs = [
+        ("dense", tiny_config()),
+        (
+            "mixture of experts",
+            moe_config(4, 2, crate::moe::Routing::Modality),
+        ),
+        ("late fusion", late_config()),
+    ];
+    for (name, config) in configs {
+        let trainable = NativeModel::new(config, 12, &Device::Cpu).unwrap();
+        let mut packed = trainable.frozen().unwrap();
+        packed.prepare_inference().unwrap();
+        assert!(packed.packs_rows());
+        let mut padded = packed.frozen().unwrap();
+        padded.set_pack_rows(false);
+
+        // Full forward: equal at the real rows; the packed pass leaves padding rows zero, which shows it
+        // computed none of them. A model with variables (being trained) never packs.
+        let run = |model: &NativeModel| {
+            model
+                .forward(model.embed(&inputs).unwrap(), &mut NoHook, None)
+                .unwrap()
+        };
+        let (a, b, c) = (run(&packed), run(&padded), run(&trainable));
+        let real = |x: &Tensor| real_rows(x, &a.valid, 1);
+        assert!(
+            max_abs_diff(&real(&a.hidden), &real(&b.hidden)) < 1e-5,
+            "{name}: hidden"
+        );
+        // The inference kernels give what the training path gives.
+        assert!(
+            max_abs_diff(&real(&a.hidden), &real(&c.hidden)) < 1e-5,
+            "{name}: trainable"
+        );
+        let pad = a.valid.iter().position(|&v| !v).expect("a padding row");
+        let (t, d) = (a.len(), tiny_config().d_model);
+        let zeros = Tensor::zeros(d, DType::F32, &Device::Cpu).unwrap();
+        let row = |x: &Tensor| {
+            max_abs_diff(
+                &x.reshape((a.batch() * t, d)).unwrap().i(pad).unwrap(),
+                &zeros,
+            )
+        };
+        assert_eq!(
+            row(&a.hidden),
+            0.0,
+            "{name}: the packed pass computed padding"
+        );
+        assert!(
+            row(&b.hidden) > 0.0 && row(&c.hidden) > 0.0,
+            "{name}: padding rows computed"
+        );
+
+        // Prefill through a hook that masks tokens, adds a key bias and captures layer 0; then decoding.
+        let prefill = |model: &NativeModel| {
+            let mut hook = MaskAndCapture {
+                drop: 5,
+                captured: None,
+            };
+            let mut cache = crate::model::KvCache::default();
+            let logits = model.prefill(&inputs, &mut hook, &mut cache).unwrap();
+            (logits, cache, hook.captured.expect("layer 0 was captured"))
+        };
+        let (logits_a, mut cache_a, (qa, ka)) = prefill(&packed);
+        let (logits_b, mut cache_b, (qb, kb)) = prefill(&padded);
+        assert!(
+            max_abs_diff(&logits_a, &logits_b) < 1e-5,
+            "{name}: prefill logits"
+        );
+        let real = |x: &Tensor| real_rows(x, &b.valid, 2);
+        assert!(
+            max_abs_diff(&real(&qa), &real(&qb)) < 1e-5,
+            "{name}: captured queries"
+        );
+        assert!(
+            max_abs_diff(&real(&ka), &real(&kb)) < 1e-5,
+            "{name}: captured keys"
+        );
+        for layer in 0..2 {
+            let (la, lb) = (
+                cache_a.layers[layer].as_ref().unwrap(),
+                cache_b.layers[layer].as_ref().unwrap(),
+            );
+            assert_eq!((&la.valid, &la.key_bias), (&lb.valid, &lb.key_bias));
+        }
+        let mut next: Vec<u32> = logits_a.argmax(D::Minus1).unwrap().to_vec1().unwrap();
+        for step in 0..3 {
+            let a = packed.decode_step(&next, &mut cache_a).unwrap();
+            let b = padded.decode_step(&next, &mut cache_b).unwrap();
+            assert!(max_abs_diff(&a, &b) < 1e-5, "{name}: decoding step {step}");
+            next = a.argmax(D::Minus1).unwrap().to_vec1().unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_hook_that_leaves_the_state_inconsistent_is_a_clear_error() {
+    struct DropAPosition;
+    impl crate::model::LayerHook for DropAPosition {
+        fn before_layer(
+            &mut self,
+            layer: usize,
+            state: &mut crate::model::SeqState,
+        ) -> candle_core::Result<bool> {
+            if layer == 1 {
+                state.positions.pop();
+            }
+            Ok(layer == 1)
+        }
+    }
+    let model = NativeModel::new(tiny_config(), 3, &Device::Cpu).unwrap();
+    let inputs = prompt_batch(&tiny_seq(), &samples(Task::Count, 2));
+    for model in [model.frozen().unwrap(), model] {
+        let err = model
+            .forward(model.embed(&inputs).unwrap(), &mut DropAPosition, None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("positions holds"), "{err}");
+    }
+}
+
+#[test]
+fn split_heads_equals_reshape_norm_and_rotation() {
+    let (b, t, h, hd) = (2, 5, 3, 8);
+    let randn = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap();
+    let x = randn(&[b, t, 3 * h * hd]);
+    let (q_norm, k_norm) = (randn(&[hd]), randn(&[hd]));
+    let positions: Vec<u32> = (0..(b * t) as u32).map(|i| (i * 7) % 40).collect();
+    let (cos, sin) = rope_rows(hd, positions, (b, t));
+    let parts = [
+        crate::kernels::HeadPart {
+            norm: Some(&q_norm),
+            rotate: true,
+        },
+        crate::kernels::HeadPart {
+            norm: Some(&k_norm),
+            rotate: false,
+        },
+        crate::kernels::HeadPart {
+            norm: None,
+            rotate: true,
+        },
+    ];
+    let split = crate::kernels::split_heads(&x, h, &parts, (&cos, &sin), 1e-5).unwrap();
+    for (p, part) in parts.iter().enumerate() {
+        let mut reference = x
+            .narrow(2, p * h * hd, h * hd)
+            .unwrap()
+            .reshape((b, t, h, hd))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        if let Some(w) = part.norm {
+            reference = ops::rms_norm_plain(&reference, w, 1e-5).unwrap();
+        }
+        if part.rotate {
+            reference = ops::apply_rope_plain(&reference, &cos, &sin).unwrap();
+        }
+        assert_eq!(split[p].dims(), &[b, h, t, hd]);
+        let error = relative_error(&split[p], &reference);
+        assert!(error < 1e-6, "part {p} differs by {error:.2e}");
+    }
+    let odd = crate::kernels::split_heads(
+        &x.narrow(2, 0, 3 * h * 7).unwrap(),
+        h,
+        &parts,
+        (&cos, &sin),
+        1e-5,
+    );
+    assert!(odd.unwrap_err().to_string().contains("even size"));
+    let var = candle_core::Var::from_tensor(&x).unwrap();
+    let err = crate::kernels::split_heads(var.as_tensor(), h, &parts, (&cos, &sin), 1e-5)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no backward pass"), "{err}");
+}
+
+#[test]
+fn the_fused_inference_kernels_equal_the_plain_ops() {
+    let randn = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap();
+    // SwiGLU over gate and up side by side.
+    let x = randn(&[2, 70, 2 * 24]);
+    let (gate, up) = (x.narrow(2, 0, 24).unwrap(), x.narrow(2, 24, 24).unwrap());
+    let reference = ops::swiglu_plain(&gate, &up).unwrap();
+    let error = relative_error(&crate::kernels::swiglu_halves(&x).unwrap(), &reference);
+    assert!(error < 1e-6, "swiglu halves differs by {error:.2e}");
+    // Residual sum and its norm.
+    let (a, b, w) = (randn(&[3, 70, 32]), randn(&[3, 70, 32]), randn(&[32]));
+    let (sum, normed) = crate::kernels::add_rms_norm(&a, &b, &w, 1e-5).unwrap();
+    let plain_sum = (&a + &b).unwrap();
+    assert!(relative_error(&sum, &plain_sum) < 1e-7);
+    let error = relative_error(&normed, &ops::rms_norm_plain(&plain_sum, &w, 1e-5).unwrap());
+    assert!(error < 1e-6, "add and norm differs by {error:.2e}");
+    // Residual plus a projection, in one GEMM.
+    let (x, h, w) = (randn(&[2, 70, 32]), randn(&[2, 70, 48]), randn(&[48, 32]));
+    let reference = (&x + h.broadcast_matmul(&w).unwrap()).unwrap();
+    let error = relative_error(&crate::kernels::matmul_add(&x, &h, &w).unwrap(), &reference);
+    assert!(error < 1e-6, "matmul and add differs by {error:.2e}");
+    let err = crate::kernels::matmul_add(&x, &h.narrow(1, 0, 69).unwrap(), &w).unwrap_err();
+    assert!(err.to_string().contains("do not fit"), "{err}");
+    // Clear errors.
+    let odd = crate::kernels::swiglu_halves(&randn(&[2, 5])).unwrap_err();
+    assert!(odd.to_string().contains("odd width"), "{odd}");
+    let err = crate::kernels::add_rms_norm(&a, &b.narrow(1, 0, 3).unwrap(), &w, 1e-5).unwrap_err();
+    assert!(err.to_string().contains("differ"), "{err}");
+    let var = candle_core::Var::from_tensor(&x).unwrap();
+    let err = crate::kernels::swiglu_halves(var.as_tensor()).unwrap_err();
+    assert!(err.to_string().contains("no backward pass"), "{err}");
 }

@@ -439,7 +439,7 @@ impl RunDir {
             .map(|s| s.step)
     }
 
-    /// Loads the trained model, prepared for inference, its tokenizer and the run configuration.
+    /// Loads the trained model, frozen and prepared for inference, its tokenizer and the run configuration.
     pub fn load(&self, device: &Device) -> Result<(NativeModel, TextTokenizer, RunConfig)> {
         let checkpoint = self.checkpoint();
         if !checkpoint.join("model.safetensors").is_file() {
@@ -460,7 +460,10 @@ impl RunDir {
                 config.vocab_size
             )));
         }
-        let mut model = NativeModel::load(config, &checkpoint.join("model.safetensors"), device)?;
+        // Frozen, so that inference builds no gradient graph and may pack its rows
+        // (`NativeModel::forward`).
+        let mut model =
+            NativeModel::load(config, &checkpoint.join("model.safetensors"), device)?.frozen()?;
         model.prepare_inference()?;
         Ok((model, tokenizer, run))
     }

@@ -272,7 +272,7 @@ impl VisionEncoder {
                 .forward(
                     &x,
                     (&cos, &sin),
-                    &bias,
+                    crate::model::Mask::Dense(&bias),
                     &self.block_config,
                     None,
                     (&valid, &key_bias),
