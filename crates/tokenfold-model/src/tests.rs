@@ -1891,3 +1891,25 @@ fn the_fused_inference_kernels_equal_the_plain_ops() {
     let err = crate::kernels::swiglu_halves(var.as_tensor()).unwrap_err();
     assert!(err.to_string().contains("no backward pass"), "{err}");
 }
+
+#[test]
+fn fast_exp_is_within_two_ulp() {
+    let ulps = |a: f32, b: f32| (a.to_bits() as i64 - b.to_bits() as i64).abs();
+    // Every 97th f32 bit pattern between −87.3 and 88.7 (about 22 million values, both signs).
+    let mut worst = (0i64, 0f32);
+    for bits in (0u32..=u32::MAX).step_by(97) {
+        let x = f32::from_bits(bits);
+        if !(-87.3..=88.7).contains(&x) {
+            continue;
+        }
+        let error = ulps(crate::kernels::exp_f32(x), x.exp());
+        if error > worst.0 {
+            worst = (error, x);
+        }
+    }
+    assert!(worst.0 <= 2, "{} ulp at x = {}", worst.0, worst.1);
+    assert_eq!(crate::kernels::exp_f32(-1e9), 0.0);
+    assert_eq!(crate::kernels::exp_f32(-87.4), 0.0);
+    assert!(crate::kernels::exp_f32(1e9).is_finite());
+    assert_eq!(crate::kernels::exp_f32(0.0), 1.0);
+}
