@@ -1,4 +1,5 @@
-//! Fused CPU kernels with their backward pass, as candle custom ops.
+//! Fused CPU kernels: for training, with their backward pass, as candle custom ops; for inference, a
+//! few forward-only ones that refuse inputs needing gradients.
 //!
 //! Written out with candle's elementwise ops, attention materialises the (b, h, tq, tk) score matrix
 //! about six times in the forward pass (scaled, biased, shifted, exponentiated, normalised) and more in
@@ -8,8 +9,14 @@
 //! row maximum and sum of exponentials are kept for the backward pass, which recomputes the probabilities
 //! (FlashAttention's scheme, here with the whole key range in one tile since our sequences are short).
 //!
+//! The inference kernels ([`segment_attention`], [`split_heads`], [`swiglu_halves`], [`add_rms_norm`],
+//! [`matmul_add`]) each do in one pass what several operations do in a layer: the head split, norms and
+//! rotation, SwiGLU over side-by-side projections, a residual sum with its norm, a projection onto the
+//! residual, and attention over packed samples.
+//!
 //! The plain ops of [`crate::ops`] remain the reference: set `TOKENFOLD_PLAIN_OPS=1` to run them instead
-//! (for debugging), and every kernel here is tested against them and against finite differences.
+//! (for debugging). Every training kernel here is tested against them and against finite differences,
+//! every inference kernel against them in values.
 
 use std::sync::{Mutex, OnceLock};
 
@@ -250,8 +257,9 @@ impl Real for f64 {
 /// eˣ in f32 without a library call, so that loops over it vectorise: the libm `expf` the softmax and
 /// SiLU called element by element took 6–10% of a prefill's time (perf). Cody–Waite range reduction
 /// x = k·ln 2 + r, |r| ≤ ln 2 / 2, then Cephes' degree-7 polynomial for eʳ and 2ᵏ from the exponent
-/// bits; within 2 ulp of `f32::exp` (test `fast_exp_is_within_two_ulp`). Below −87.3 (where eˣ leaves
-/// the normal range) it gives 0, as the masked logits of attention need; above 88.7, e^88.7 (≈ 3.3e38)
+/// bits; at worst 1 ulp from `f32::exp` over every 97th f32 in its range (test
+/// `fast_exp_is_within_two_ulp`, which allows 2). Below −87.3 it gives 0, as the masked logits of
+/// attention need (a little before f32's normal range ends, near −87.34); above 88.7, e^88.7 (≈ 3.3e38)
 /// rather than infinity.
 #[inline(always)]
 pub fn exp_f32(x: f32) -> f32 {

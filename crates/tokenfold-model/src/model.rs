@@ -152,7 +152,8 @@ pub trait LayerHook {
     }
     /// Whether [`Self::before_layer`] at `layer` may read or change [`SeqState::hidden`]. When it says
     /// no, an inference forward pass that packs its rows (see [`NativeModel::forward`]) may leave
-    /// `hidden` out of date during that call instead of unpacking it; the metadata is always current.
+    /// `hidden` out of date during that call instead of unpacking it, and any change the hook makes to
+    /// it is lost; the metadata is always current, and so is `hidden` before layer 0.
     fn reads_hidden(&self, _layer: usize) -> bool {
         true
     }
@@ -242,7 +243,15 @@ impl Packing {
 
     /// Padded hidden states (b, t, d) to packed (1, rows, d).
     fn pack(&self, hidden: &Tensor) -> Result<Tensor> {
-        let d = hidden.dim(2)?;
+        let (b, t, d) = hidden.dims3()?;
+        if (b, t) != (self.b, self.t) {
+            candle_core::bail!(
+                "hidden states of {b} × {t} rows where the packed layout has {} × {}: a hook changed \
+                 the tokens without reporting it",
+                self.b,
+                self.t
+            );
+        }
         hidden
             .reshape((self.b * self.t, d))?
             .index_select(&self.rows, 0)?
@@ -976,9 +985,11 @@ impl NativeModel {
         Ok(frozen)
     }
 
-    /// Keeps a transposed, contiguous copy of each dense projection (and q, k, v side by side) and of
-    /// the output head, which the forward pass then multiplies by directly (see `Proj`): gemm no longer
-    /// repacks the weights on every call, which dominated prefills of few tokens (docs/performance.md).
+    /// Keeps a transposed, contiguous copy of each dense projection (and q, k, v side by side, gate and
+    /// up side by side), of the output head and of the patch embedding (with its bias and 2-D positions
+    /// summed into one table), which the forward pass then multiplies by directly (see `Proj`): gemm no
+    /// longer repacks the weights on every call, which dominated prefills of few tokens
+    /// (docs/performance.md).
     /// The copies are detached and go stale if the weights change: only for a model that is not trained
     /// any further. [`NativeModel::frozen`] keeps the preparation.
     pub fn prepare_inference(&mut self) -> Result<()> {
@@ -1051,9 +1062,9 @@ impl NativeModel {
     }
 
     /// Whether inference passes over padded batches pack their rows: on by default, off where the
-    /// environment sets `TOKENFOLD_PACKED=0`.
+    /// environment sets `TOKENFOLD_PACKED=0` or the fused kernels are off (`TOKENFOLD_PLAIN_OPS`).
     pub fn packs_rows(&self) -> bool {
-        self.pack_rows
+        self.pack_rows && crate::kernels::fused_enabled()
     }
 
     /// Turns row packing on or off, e.g. to compare the two layouts.
@@ -1192,11 +1203,12 @@ impl NativeModel {
     /// Runs every layer over `state`, calling `hook` before each. With `cache`, each layer's keys and
     /// values are stored for generation.
     ///
-    /// An inference pass (nothing tracks gradients, fused kernels on) over a batch with padding packs
-    /// the valid rows end to end and computes only those: samples hold different numbers of tokens,
-    /// most of all after a reduction, and a padded batch computes every sample at the longest length.
-    /// `hidden` is unpacked again (padding rows zero) before each hook call that [`LayerHook::reads_hidden`],
-    /// for captured queries and keys, and at the end. `TOKENFOLD_PACKED=0` keeps the padded layout.
+    /// An inference pass (a frozen model, nothing tracking gradients, fused kernels on) over a batch with
+    /// padding packs the valid rows end to end and computes only those: samples hold different numbers
+    /// of tokens, most of all after a reduction, and a padded batch computes every sample at the longest
+    /// length. `hidden` is unpacked again (padding rows zero) before each hook call that
+    /// [`LayerHook::reads_hidden`], for captured queries and keys, and at the end. `TOKENFOLD_PACKED=0`
+    /// keeps the padded layout.
     pub fn forward(
         &self,
         mut state: SeqState,
@@ -1297,7 +1309,10 @@ impl NativeModel {
     /// over a batch with padding (see [`Self::forward`]), padded with a dense mask otherwise.
     fn layout(&self, state: &SeqState) -> Result<Layout> {
         state.check()?;
+        // Frozen weights too: a model with variables would need gradients the packed kernels lack,
+        // even where a hook hands it hidden states that track none.
         if self.pack_rows
+            && self.frozen_weights.is_some()
             && inference_kernels(&state.hidden)
             && state.key_bias.as_ref().is_none_or(|kb| !kb.track_op())
             && state.valid.iter().any(|&v| !v)

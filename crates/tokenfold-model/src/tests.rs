@@ -1650,6 +1650,12 @@ impl crate::model::LayerHook for MaskAndCapture {
     fn capture(&self, layer: usize) -> bool {
         layer == 0
     }
+
+    // It changes metadata only, so a packed pass need not unpack before it: the path where the layout
+    // is rebuilt from packed rows.
+    fn reads_hidden(&self, _layer: usize) -> bool {
+        false
+    }
 }
 
 /// `x` (b, …, t, …) at the real rows of `valid` (b × t) along dimension `dim`, samples end to end.
@@ -1709,11 +1715,22 @@ fn a_packed_forward_equals_the_padded_one_through_prefill_capture_and_decoding()
             max_abs_diff(&real(&a.hidden), &real(&b.hidden)) < 1e-5,
             "{name}: hidden"
         );
-        // The inference kernels give what the training path gives.
+        // The inference kernels give what the training path gives, routing and auxiliary loss included.
         assert!(
             max_abs_diff(&real(&a.hidden), &real(&c.hidden)) < 1e-5,
             "{name}: trainable"
         );
+        assert_eq!(a.routing, c.routing, "{name}: routing");
+        assert_eq!(
+            a.aux_loss.is_some(),
+            c.aux_loss.is_some(),
+            "{name}: auxiliary loss"
+        );
+        if let (Some(x), Some(y)) = (&a.aux_loss, &c.aux_loss) {
+            assert!(max_abs_diff(x, y) < 1e-6, "{name}: auxiliary loss");
+        }
+        assert_eq!(packed.parameter_count(), trainable.parameter_count());
+        assert_eq!(padded.parameter_count(), trainable.parameter_count());
         let pad = a.valid.iter().position(|&v| !v).expect("a padding row");
         let (t, d) = (a.len(), tiny_config().d_model);
         let zeros = Tensor::zeros(d, DType::F32, &Device::Cpu).unwrap();
@@ -1909,6 +1926,8 @@ fn fast_exp_is_within_two_ulp() {
     }
     assert!(worst.0 <= 2, "{} ulp at x = {}", worst.0, worst.1);
     assert_eq!(crate::kernels::exp_f32(-1e9), 0.0);
+    assert_eq!(crate::kernels::exp_f32(f32::NEG_INFINITY), 0.0);
+    assert!(crate::kernels::exp_f32(f32::NAN).is_nan());
     assert_eq!(crate::kernels::exp_f32(-87.4), 0.0);
     assert!(crate::kernels::exp_f32(1e9).is_finite());
     assert_eq!(crate::kernels::exp_f32(0.0), 1.0);
