@@ -240,17 +240,26 @@ trait Real:
     /// eˣ as the kernels compute it: [`exp_f32`] in f32, the standard library's in f64 (the precision
     /// of the finite-difference tests).
     fn fast_exp(self) -> Self;
+    /// f32 values in this type: borrowed when it is f32, so that a packed batch's bias is not copied
+    /// at every layer.
+    fn from_f32s(values: &[f32]) -> std::borrow::Cow<'_, [Self]>;
 }
 impl Real for f32 {
     #[inline(always)]
     fn fast_exp(self) -> f32 {
         exp_f32(self)
     }
+    fn from_f32s(values: &[f32]) -> std::borrow::Cow<'_, [f32]> {
+        std::borrow::Cow::Borrowed(values)
+    }
 }
 impl Real for f64 {
     #[inline(always)]
     fn fast_exp(self) -> f64 {
         self.exp()
+    }
+    fn from_f32s(values: &[f32]) -> std::borrow::Cow<'_, [f64]> {
+        values.iter().map(|&x| f64::from(x)).collect()
     }
 }
 
@@ -531,11 +540,7 @@ pub fn segment_attention(
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     macro_rules! run {
         ($t:ty) => {{
-            let bias: Vec<$t> = segments
-                .bias
-                .iter()
-                .map(|&x| real::<$t>(x as f64))
-                .collect();
+            let bias = <$t>::from_f32s(&segments.bias);
             let out = with_slice::<$t, _>(&q, |q| {
                 with_slice::<$t, _>(&k, |k| {
                     with_slice::<$t, _>(&v, |v| {

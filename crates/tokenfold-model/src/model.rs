@@ -1240,42 +1240,43 @@ impl NativeModel {
                 (Some(_), Some(bias)) => bias.flatten_all()?.to_vec1::<f32>()?,
                 _ => vec![0.0; state.valid.len()],
             };
-            let out = match layout.as_ref().expect("layout was just built") {
-                Layout::Dense { rope, bias } => {
-                    let out = block.forward(
-                        &state.hidden,
-                        (&rope.0, &rope.1),
-                        Mask::Dense(bias),
-                        &self.config,
-                        slot,
-                        (&state.valid, &key_bias),
-                        &state.is_image,
-                    )?;
-                    state.hidden = out.hidden.clone();
-                    out
-                }
-                Layout::Packed(packing) => {
-                    let hidden = match packed.take() {
+            let layout = layout.as_ref().expect("layout was just built");
+            let (input, rope, mask, is_image) = match layout {
+                Layout::Dense { rope, bias } => (
+                    state.hidden.clone(),
+                    rope,
+                    Mask::Dense(bias),
+                    &state.is_image[..],
+                ),
+                Layout::Packed(packing) => (
+                    match packed.take() {
                         Some(hidden) => hidden,
                         None => packing.pack(&state.hidden)?,
-                    };
-                    let mut out = block.forward(
-                        &hidden,
-                        (&packing.rope.0, &packing.rope.1),
-                        Mask::Packed(packing),
-                        &self.config,
-                        slot,
-                        (&state.valid, &key_bias),
-                        &packing.is_image,
-                    )?;
+                    },
+                    &packing.rope,
+                    Mask::Packed(packing),
+                    &packing.is_image[..],
+                ),
+            };
+            let mut out = block.forward(
+                &input,
+                (&rope.0, &rope.1),
+                mask,
+                &self.config,
+                slot,
+                (&state.valid, &key_bias),
+                is_image,
+            )?;
+            match layout {
+                Layout::Dense { .. } => state.hidden = out.hidden.clone(),
+                Layout::Packed(packing) => {
                     packed = Some(out.hidden.clone());
                     if hook.capture(i) {
                         out.q = packing.unpack_heads(&out.q)?;
                         out.k = packing.unpack_heads(&out.k)?;
                     }
-                    out
                 }
-            };
+            }
             state.captured = hook.capture(i).then_some((out.q, out.k));
             if let Some(aux) = out.aux_loss {
                 state.aux_loss = Some(match state.aux_loss.take() {

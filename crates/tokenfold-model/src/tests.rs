@@ -540,6 +540,14 @@ fn prompt_batch(model_seq: &SequenceConfig, items: &[tokenfold_data::Sample]) ->
     prompt_inputs(&prompts, f.tokenizer.special.pad, model_seq, &Device::Cpu).unwrap()
 }
 
+/// A relation, an exist and a caption prompt: three lengths, so the batch has padding.
+fn three_length_prompts() -> Inputs {
+    let mut items = samples(Task::Relation, 1);
+    items.extend(samples(Task::Exist, 1));
+    items.extend(samples(Task::Caption, 1));
+    prompt_batch(&tiny_seq(), &items)
+}
+
 /// Logits of the last real token of each sample by a full forward pass, without cache.
 fn full_forward_last_logits(model: &NativeModel, inputs: &Inputs) -> Tensor {
     let state = model
@@ -582,12 +590,8 @@ fn append_tokens(inputs: &mut Inputs, next: &[u32]) {
 #[test]
 fn kv_cache_decoding_matches_full_recomputation_with_batch_and_padding() {
     let model = NativeModel::new(tiny_config(), 4, &Device::Cpu).unwrap();
-    let seq = tiny_seq();
     // Prompts of different lengths: padding must not leak.
-    let mut items = samples(Task::Relation, 1);
-    items.extend(samples(Task::Exist, 1));
-    items.extend(samples(Task::Caption, 1));
-    let mut inputs = prompt_batch(&seq, &items);
+    let mut inputs = three_length_prompts();
     let mut cache = crate::model::KvCache::default();
     let mut logits = model.prefill(&inputs, &mut NoHook, &mut cache).unwrap();
     for step in 0..5 {
@@ -1454,11 +1458,7 @@ fn encoder_weights_take_their_learning_rate_multiplier() {
 
 #[test]
 fn a_model_prepared_for_inference_gives_the_same_logits_prefill_and_decode() {
-    let seq = tiny_seq();
-    let mut items = samples(Task::Relation, 1);
-    items.extend(samples(Task::Exist, 1));
-    items.extend(samples(Task::Caption, 1));
-    let inputs = prompt_batch(&seq, &items);
+    let inputs = three_length_prompts();
     // Untied embeddings too, so that the separate output head is prepared as well.
     for tie_embeddings in [true, false] {
         let config = ModelConfig {
@@ -1679,12 +1679,8 @@ fn real_rows(x: &Tensor, valid: &[bool], dim: usize) -> Tensor {
 
 #[test]
 fn a_packed_forward_equals_the_padded_one_through_prefill_capture_and_decoding() {
-    let seq = tiny_seq();
     // Prompts of three lengths: the batch has padding, so an inference pass packs its rows.
-    let mut items = samples(Task::Relation, 1);
-    items.extend(samples(Task::Exist, 1));
-    items.extend(samples(Task::Caption, 1));
-    let inputs = prompt_batch(&seq, &items);
+    let inputs = three_length_prompts();
     assert!(inputs.lengths.iter().any(|&l| l != inputs.lengths[0]));
     let configs = [
         ("dense", tiny_config()),
