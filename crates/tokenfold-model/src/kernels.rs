@@ -9,10 +9,12 @@
 //! row maximum and sum of exponentials are kept for the backward pass, which recomputes the probabilities
 //! (FlashAttention's scheme, here with the whole key range in one tile since our sequences are short).
 //!
-//! The inference kernels ([`segment_attention`], [`split_heads`], [`swiglu_halves`], [`add_rms_norm`],
+//! Training stacks projections that share an input: [`qkv_heads`] and [`attention_qkv`] take q, k and v
+//! from one matmul, [`swiglu_halves`] the gate and up projections, each with a backward pass to the
+//! stacked tensor. The inference kernels ([`segment_attention`], [`split_heads`], [`add_rms_norm`],
 //! [`matmul_add`]) each do in one pass what several operations do in a layer: the head split, norms and
-//! rotation, SwiGLU over side-by-side projections, a residual sum with its norm, a projection onto the
-//! residual, and attention over packed samples.
+//! rotation, a residual sum with its norm, a projection onto the residual, and attention over packed
+//! samples.
 //!
 //! The plain ops of [`crate::ops`] remain the reference: set `TOKENFOLD_PLAIN_OPS=1` to run them instead
 //! (for debugging). Every training kernel here is tested against them and against finite differences,
@@ -61,22 +63,25 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) 
             v.dims()
         );
     }
-    let bias_heads = match bias.dims() {
-        [_, 1, _, _] | [_, _] | [_] => 1,
-        _ => h,
-    };
-    let bias = bias
-        .broadcast_as((b, bias_heads, tq, tk))?
-        .to_dtype(q.dtype())?
-        .contiguous()?;
-    let op = FusedAttention {
-        scale,
-        bias,
-        bias_heads,
-        lse: Mutex::new(Vec::new()),
-    };
+    let op = FusedAttention::new(bias, (b, h, tq, tk), q.dtype(), scale)?;
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+/// [`attention`] over queries, keys and values stacked in one tensor, `heads` (3, b, h, t, d), as
+/// [`qkv_heads`] gives them; the result is (b, h, t, d). Its gradient is one tensor of the stacked
+/// layout, so a training step that projects q, k and v in one matmul never splits and re-joins them:
+/// the backward pass of a split pads each part with zeros to the full size, and the three are summed.
+pub fn attention_qkv(heads: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    let (parts, b, h, t, _) = heads.dims5()?;
+    if parts != 3 {
+        bail!(
+            "fused attention: stacked heads {:?} must be (3, b, h, t, d)",
+            heads.dims()
+        );
+    }
+    let op = FusedAttention::new(bias, (b, h, t, t), heads.dtype(), scale)?;
+    heads.contiguous()?.apply_op1(StackedAttention(op))
 }
 
 struct FusedAttention {
@@ -87,6 +92,32 @@ struct FusedAttention {
     /// Per (b, h, query row), the maximum and the sum of the exponentials of its logits, from the
     /// forward pass for the backward.
     lse: Mutex<Vec<(f64, f64)>>,
+}
+
+impl FusedAttention {
+    /// The op for (b, h) heads of `tq` queries and `tk` keys: `bias` broadcast to (b, 1 or h, tq, tk)
+    /// (one bias for all heads when its head dimension is 1 or absent) and made contiguous in `dtype`.
+    fn new(
+        bias: &Tensor,
+        (b, h, tq, tk): (usize, usize, usize, usize),
+        dtype: DType,
+        scale: f64,
+    ) -> Result<FusedAttention> {
+        let bias_heads = match bias.dims() {
+            [_, 1, _, _] | [_, _] | [_] => 1,
+            _ => h,
+        };
+        let bias = bias
+            .broadcast_as((b, bias_heads, tq, tk))?
+            .to_dtype(dtype)?
+            .contiguous()?;
+        Ok(FusedAttention {
+            scale,
+            bias,
+            bias_heads,
+            lse: Mutex::new(Vec::new()),
+        })
+    }
 }
 
 /// Dimensions of one call.
@@ -128,6 +159,59 @@ fn with_slice<T: WithDType, R>(tensor: &Tensor, f: impl FnOnce(&[T]) -> Result<R
     }
 }
 
+/// The slices of the rotary tables `cos` and `sin`, as [`with_slice`] gives one.
+fn with_tables<T: WithDType, R>(
+    (cos, sin): (&Tensor, &Tensor),
+    f: impl FnOnce((&[T], &[T])) -> Result<R>,
+) -> Result<R> {
+    with_slice::<T, _>(cos, |cos| with_slice::<T, _>(sin, |sin| f((cos, sin))))
+}
+
+impl FusedAttention {
+    /// The dimensions of a call on (b, h) heads of `tq` queries and `tk` keys of size d.
+    fn dims(&self, (b, h, tq, tk, d): (usize, usize, usize, usize, usize)) -> Dims {
+        Dims {
+            b,
+            h,
+            tq,
+            tk,
+            d,
+            bias_heads: self.bias_heads,
+        }
+    }
+
+    /// The forward pass over q, k and v, keeping each row's statistics for the backward pass.
+    fn forward_slices<T: Real>(&self, dims: Dims, q: &[T], k: &[T], v: &[T]) -> Result<Vec<T>> {
+        let (out, lse) = with_slice::<T, _>(&self.bias, |bias| {
+            Ok(forward(dims, q, k, v, bias, self.scale))
+        })?;
+        *self.lse.lock().expect("lse lock") = lse;
+        Ok(out)
+    }
+
+    /// The backward pass into `grads` (dq, dk, dv, zeroed), from the forward pass's output `out` and
+    /// its gradient.
+    fn backward_slices<T: Real>(
+        &self,
+        dims: Dims,
+        (q, k, v): (&[T], &[T], &[T]),
+        out: &Tensor,
+        grad_out: &Tensor,
+        grads: (&mut [T], &mut [T], &mut [T]),
+    ) -> Result<()> {
+        let grad_out = grad_out.contiguous()?;
+        let lse = self.lse.lock().expect("lse lock");
+        with_slice::<T, _>(out, |o| {
+            with_slice::<T, _>(&grad_out, |go| {
+                with_slice::<T, _>(&self.bias, |bias| {
+                    backward(dims, q, k, v, o, go, bias, &lse, self.scale, grads);
+                    Ok(())
+                })
+            })
+        })
+    }
+}
+
 impl CustomOp3 for FusedAttention {
     fn name(&self) -> &'static str {
         "fused-attention"
@@ -144,32 +228,21 @@ impl CustomOp3 for FusedAttention {
     ) -> Result<(CpuStorage, Shape)> {
         let (b, h, tq, d) = l1.shape().dims4()?;
         let tk = l2.shape().dims4()?.2;
-        let dims = Dims {
-            b,
-            h,
-            tq,
-            tk,
-            d,
-            bias_heads: self.bias_heads,
-        };
-        let shape = Shape::from((b, h, tq, d));
+        let dims = self.dims((b, h, tq, tk, d));
         macro_rules! forward {
             ($t:ty, $wrap:path) => {{
                 let q = contiguous_slice::<$t>(s1, l1, "q")?;
                 let k = contiguous_slice::<$t>(s2, l2, "k")?;
                 let v = contiguous_slice::<$t>(s3, l3, "v")?;
-                let (out, lse) = with_slice::<$t, _>(&self.bias, |bias| {
-                    Ok(forward::<$t>(dims, q, k, v, bias, self.scale))
-                })?;
-                *self.lse.lock().expect("lse lock") = lse;
-                Ok(($wrap(out), shape))
+                $wrap(self.forward_slices(dims, q, k, v)?)
             }};
         }
-        match s1 {
+        let out = match s1 {
             CpuStorage::F32(_) => forward!(f32, CpuStorage::F32),
             CpuStorage::F64(_) => forward!(f64, CpuStorage::F64),
             _ => bail!("fused attention supports f32 and f64"),
-        }
+        };
+        Ok((out, Shape::from((b, h, tq, d))))
     }
 
     fn bwd(
@@ -182,30 +255,17 @@ impl CustomOp3 for FusedAttention {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (b, h, tq, d) = q.dims4()?;
         let tk = k.dim(2)?;
-        let dims = Dims {
-            b,
-            h,
-            tq,
-            tk,
-            d,
-            bias_heads: self.bias_heads,
-        };
-        let grad_out = grad_out.contiguous()?;
-        let lse = self.lse.lock().expect("lse lock");
+        let dims = self.dims((b, h, tq, tk, d));
         macro_rules! backward {
             ($t:ty) => {{
-                let (dq, dk, dv) = with_slice::<$t, _>(q, |q| {
+                let mut dq = vec![0 as $t; b * h * tq * d];
+                let mut dk = vec![0 as $t; b * h * tk * d];
+                let mut dv = vec![0 as $t; b * h * tk * d];
+                with_slice::<$t, _>(q, |q| {
                     with_slice::<$t, _>(k, |k| {
                         with_slice::<$t, _>(v, |v| {
-                            with_slice::<$t, _>(out, |o| {
-                                with_slice::<$t, _>(&grad_out, |go| {
-                                    with_slice::<$t, _>(&self.bias, |bias| {
-                                        Ok(backward::<$t>(
-                                            dims, q, k, v, o, go, bias, &lse, self.scale,
-                                        ))
-                                    })
-                                })
-                            })
+                            let grads = (&mut dq[..], &mut dk[..], &mut dv[..]);
+                            self.backward_slices(dims, (q, k, v), out, grad_out, grads)
                         })
                     })
                 })?;
@@ -223,6 +283,61 @@ impl CustomOp3 for FusedAttention {
             dtype => bail!("fused attention supports f32 and f64, not {dtype:?}"),
         };
         Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// [`attention_qkv`]'s op: [`FusedAttention`] reading q, k and v as the three thirds of one tensor.
+struct StackedAttention(FusedAttention);
+
+impl candle_core::CustomOp1 for StackedAttention {
+    fn name(&self) -> &'static str {
+        "fused-attention-stacked"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (_, b, h, t, d) = layout.shape().dims5()?;
+        let dims = self.0.dims((b, h, t, t, d));
+        let n = b * h * t * d;
+        macro_rules! forward {
+            ($t:ty, $wrap:path) => {{
+                let heads = contiguous_slice::<$t>(storage, layout, "stacked heads")?;
+                let (q, rest) = heads.split_at(n);
+                let (k, v) = rest.split_at(n);
+                $wrap(self.0.forward_slices(dims, q, k, v)?)
+            }};
+        }
+        let out = match storage {
+            CpuStorage::F32(_) => forward!(f32, CpuStorage::F32),
+            CpuStorage::F64(_) => forward!(f64, CpuStorage::F64),
+            _ => bail!("fused attention supports f32 and f64"),
+        };
+        Ok((out, Shape::from((b, h, t, d))))
+    }
+
+    fn bwd(&self, heads: &Tensor, out: &Tensor, grad_out: &Tensor) -> Result<Option<Tensor>> {
+        let (_, b, h, t, d) = heads.dims5()?;
+        let dims = self.0.dims((b, h, t, t, d));
+        let n = b * h * t * d;
+        macro_rules! backward {
+            ($t:ty) => {{
+                let mut grad = vec![0 as $t; 3 * n];
+                let (dq, rest) = grad.split_at_mut(n);
+                let (dk, dv) = rest.split_at_mut(n);
+                with_slice::<$t, _>(heads, |heads| {
+                    let (q, rest) = heads.split_at(n);
+                    let (k, v) = rest.split_at(n);
+                    self.0
+                        .backward_slices(dims, (q, k, v), out, grad_out, (dq, dk, dv))
+                })?;
+                Tensor::from_vec(grad, heads.shape(), heads.device())?
+            }};
+        }
+        let grad = match heads.dtype() {
+            DType::F32 => backward!(f32),
+            DType::F64 => backward!(f64),
+            dtype => bail!("fused attention supports f32 and f64, not {dtype:?}"),
+        };
+        Ok(Some(grad))
     }
 }
 
@@ -454,16 +569,17 @@ fn attend<T: Real>(
         for r in 0..rows {
             let row = &mut p[r * n..(r + 1) * n];
             let bias_row = &bias[(r0 + r) * tk + lo..(r0 + r) * tk + hi];
-            let mut max = T::neg_infinity();
             for (x, &b) in row.iter_mut().zip(bias_row) {
                 *x += b;
-                max = Float::max(max, *x);
             }
-            let mut sum = T::zero();
+            // Maximum, exponentials and sum in separate passes: with the sum accumulated inside the
+            // exponentials' loop, that loop stayed scalar (13% of a training step, perf); apart, each
+            // vectorises.
+            let max = max_of(row);
             for x in row.iter_mut() {
                 *x = (*x - max).fast_exp();
-                sum += *x;
             }
+            let sum = sum_of(row);
             let inv = sum.recip();
             row.iter_mut().for_each(|x| *x *= inv);
             lse[r0 + r] = (WithDType::to_f64(max), WithDType::to_f64(sum));
@@ -616,7 +732,8 @@ fn segment_forward<T: Real>(
     interleaved
 }
 
-/// Backward pass: gradients of q, k and v given the outputs' gradient `go`.
+/// Backward pass: gradients of q, k and v given the outputs' gradient `go`, written into `dq`, `dk` and
+/// `dv`, which must hold zeros (the key and value gradients accumulate over query tiles).
 #[allow(clippy::too_many_arguments)]
 fn backward<T: Real>(
     dims: Dims,
@@ -628,12 +745,9 @@ fn backward<T: Real>(
     bias: &[T],
     lse: &[(f64, f64)],
     scale: f64,
-) -> (Vec<T>, Vec<T>, Vec<T>) {
+    (dq, dk, dv): (&mut [T], &mut [T], &mut [T]),
+) {
     let Dims { tq, tk, d, .. } = dims;
-    let heads = dims.b * dims.h;
-    let mut dq = vec![T::zero(); heads * tq * d];
-    let mut dk = vec![T::zero(); heads * tk * d];
-    let mut dv = vec![T::zero(); heads * tk * d];
     let scale_t: T = real(scale);
     dq.par_chunks_mut(tq * d.max(1))
         .zip(dk.par_chunks_mut(tk * d.max(1)))
@@ -698,7 +812,6 @@ fn backward<T: Real>(
                 add_transposed_product(&mut dv[lo * d..], shape, p, &go[r0 * d..], T::one());
             }
         });
-    (dq, dk, dv)
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -798,6 +911,81 @@ struct RmsNorm {
     eps: f64,
 }
 
+/// Whether [`adamw_update`] can run on this variable and gradient: fused kernels on, CPU, f32.
+pub fn adamw_supported(var: &Tensor, grad: &Tensor) -> bool {
+    fused_enabled()
+        && var.device().is_cpu()
+        && var.dtype() == DType::F32
+        && grad.dtype() == DType::F32
+        && grad.dims() == var.dims()
+}
+
+/// Elements per parallel chunk of [`adamw_update`].
+const UPDATE_CHUNK: usize = 1 << 14;
+
+/// One AdamW update of an f32 variable in a single pass: from `var`, its gradient and its moment
+/// estimates (m, v), the next value and the next m and v. The same arithmetic as
+/// [`crate::optim::update_plain`], whose eight candle operations each read and write the whole variable.
+pub fn adamw_update(
+    var: &Tensor,
+    grad: &Tensor,
+    (m, v): (&Tensor, &Tensor),
+    s: &crate::optim::UpdateStep,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    if !adamw_supported(var, grad) || m.dims() != var.dims() || v.dims() != var.dims() {
+        bail!(
+            "fused AdamW: variable {:?} ({:?}), gradient {:?} ({:?}), moments {:?} and {:?}",
+            var.dims(),
+            var.dtype(),
+            grad.dims(),
+            grad.dtype(),
+            m.dims(),
+            v.dims()
+        );
+    }
+    let (grad, m, v) = (grad.contiguous()?, m.contiguous()?, v.contiguous()?);
+    let var = var.contiguous()?;
+    let n = var.elem_count();
+    let (beta1, beta2) = (s.beta1 as f32, s.beta2 as f32);
+    let (c1, c2, eps) = (s.correction1 as f32, s.correction2 as f32, s.eps as f32);
+    let (lr, keep) = (s.lr as f32, (1.0 - s.lr * s.decay) as f32);
+    let mut next = vec![0f32; n];
+    let mut m_next = vec![0f32; n];
+    let mut v_next = vec![0f32; n];
+    with_slice::<f32, _>(&var, |x| {
+        with_slice::<f32, _>(&grad, |g| {
+            with_slice::<f32, _>(&m, |m| {
+                with_slice::<f32, _>(&v, |v| {
+                    next.par_chunks_mut(UPDATE_CHUNK)
+                        .zip(m_next.par_chunks_mut(UPDATE_CHUNK))
+                        .zip(v_next.par_chunks_mut(UPDATE_CHUNK))
+                        .enumerate()
+                        .for_each(|(c, ((next, m_next), v_next))| {
+                            let at = c * UPDATE_CHUNK..(c * UPDATE_CHUNK + next.len());
+                            let (x, g, m, v) =
+                                (&x[at.clone()], &g[at.clone()], &m[at.clone()], &v[at]);
+                            for i in 0..next.len() {
+                                let mi = beta1 * m[i] + (1.0 - beta1) * g[i];
+                                let vi = beta2 * v[i] + (1.0 - beta2) * (g[i] * g[i]);
+                                let step = (mi / c1) / ((vi / c2).sqrt() + eps);
+                                next[i] = x[i] * keep - step * lr;
+                                m_next[i] = mi;
+                                v_next[i] = vi;
+                            }
+                        });
+                    Ok(())
+                })
+            })
+        })
+    })?;
+    let (shape, device) = (var.shape(), var.device());
+    Ok((
+        Tensor::from_vec(next, shape, device)?,
+        Tensor::from_vec(m_next, shape, device)?,
+        Tensor::from_vec(v_next, shape, device)?,
+    ))
+}
+
 /// Σ a_i·b_i·c_i over the common length, in eight interleaved partial sums. A single running sum waits
 /// on each addition's latency (about four cycles per element); eight independent ones vectorise, which
 /// made the fused norms about twice as fast (docs/performance.md).
@@ -819,6 +1007,36 @@ fn dot3<T: Real>(a: &[T], b: &[T], c: &[T]) -> T {
         }
     }
     lanes.iter().copied().sum::<T>() + tail
+}
+
+/// Σ x_i, as [`dot3`] does it.
+fn sum_of<T: Real>(row: &[T]) -> T {
+    let mut lanes = [T::zero(); 8];
+    let chunks = row.chunks_exact(8);
+    let tail: T = chunks.remainder().iter().copied().sum();
+    for x in chunks {
+        for l in 0..8 {
+            lanes[l] += x[l];
+        }
+    }
+    lanes.iter().copied().sum::<T>() + tail
+}
+
+/// The largest x_i (−∞ for an empty row; NaN is skipped, as [`Float::max`] does), in eight
+/// interleaved lanes so that it vectorises.
+fn max_of<T: Real>(row: &[T]) -> T {
+    let mut lanes = [T::neg_infinity(); 8];
+    let chunks = row.chunks_exact(8);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(T::neg_infinity(), |m, &x| Float::max(m, x));
+    for x in chunks {
+        for l in 0..8 {
+            lanes[l] = Float::max(lanes[l], x[l]);
+        }
+    }
+    lanes.iter().fold(tail, |m, &x| Float::max(m, x))
 }
 
 /// Σ x_i², as [`dot3`] does it.
@@ -1117,17 +1335,15 @@ pub fn split_heads(
                 .map(|w| w.as_ref().map(|w| w.to_vec1::<$t>()).transpose())
                 .collect::<Result<_>>()?;
             let out = with_slice::<$t, _>(&x, |x| {
-                with_slice::<$t, _>(&cos, |cos| {
-                    with_slice::<$t, _>(&sin, |sin| {
-                        Ok(split_heads_into::<$t>(
-                            (b, t, h, hd),
-                            x,
-                            (cos, sin),
-                            &norms,
-                            &rotate,
-                            eps,
-                        ))
-                    })
+                with_tables::<$t, _>((&cos, &sin), |tables| {
+                    Ok(split_heads_into::<$t>(
+                        (b, t, h, hd),
+                        x,
+                        tables,
+                        &norms,
+                        &rotate,
+                        eps,
+                    ))
                 })
             })?;
             Tensor::from_vec(out, (n, b, h, t, hd), x.device())?
@@ -1139,6 +1355,233 @@ pub fn split_heads(
         dtype => bail!("split heads supports f32 and f64, not {dtype:?}"),
     };
     (0..n).map(|p| all.get(p)).collect()
+}
+
+/// For training: q, k and v projected side by side in `qkv` (b, t, 3 · h · hd) → one (3, b, h, t, hd)
+/// tensor, as [`split_heads`] computes it for the parts q, k and v: the queries and keys RMS-normed per
+/// head by `norms` (2, hd: the q weight, then the k weight) when given, and rotated by `rope` (cos and
+/// sin, broadcasting to (b, 1, t, hd/2)); the values only change layout. Unlike [`split_heads`], it has
+/// a backward pass, to `qkv` and `norms`. [`attention_qkv`] takes its result whole.
+pub fn qkv_heads(
+    qkv: &Tensor,
+    norms: Option<&Tensor>,
+    h: usize,
+    rope: (&Tensor, &Tensor),
+    eps: f64,
+) -> Result<Tensor> {
+    let (b, t, width) = qkv.dims3()?;
+    if h == 0 || !width.is_multiple_of(3 * h) || !(width / (3 * h)).is_multiple_of(2) {
+        bail!("qkv heads: a width of {width} does not hold 3 parts of {h} heads of an even size");
+    }
+    let hd = width / (3 * h);
+    let tables = [rope.0, rope.1].map(|tab| tab.broadcast_as((b, 1, t, hd / 2)));
+    let [Ok(cos), Ok(sin)] = tables else {
+        bail!(
+            "qkv heads: rotary tables {:?} and {:?} do not broadcast to ({b}, 1, {t}, {})",
+            rope.0.dims(),
+            rope.1.dims(),
+            hd / 2
+        );
+    };
+    if let Some(norms) = norms
+        && norms.dims() != [2, hd]
+    {
+        bail!(
+            "qkv heads: norm weights of {:?} where (2, {hd}) were expected",
+            norms.dims()
+        );
+    }
+    let op = QkvHeads {
+        h,
+        eps,
+        normed: norms.is_some(),
+        cos: cos.to_dtype(qkv.dtype())?.contiguous()?,
+        sin: sin.to_dtype(qkv.dtype())?.contiguous()?,
+    };
+    // Without norms, a constant stands in for them: it tracks no gradient and is never read.
+    let norms = match norms {
+        Some(norms) => norms.to_dtype(qkv.dtype())?.contiguous()?,
+        None => Tensor::zeros((2, hd), qkv.dtype(), qkv.device())?,
+    };
+    qkv.contiguous()?.apply_op2(&norms, op)
+}
+
+/// [`qkv_heads`]' op.
+struct QkvHeads {
+    h: usize,
+    eps: f64,
+    normed: bool,
+    /// (b, 1, t, hd/2), contiguous, in the input's dtype.
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl QkvHeads {
+    /// (b, t, h, hd) of an input of `shape` (b, t, 3 · h · hd).
+    fn dims(&self, shape: &Shape) -> Result<(usize, usize, usize, usize)> {
+        let (b, t, width) = shape.dims3()?;
+        Ok((b, t, self.h, width / (3 * self.h)))
+    }
+
+    /// The per-part norm weights (q, k, none for v) from `norms` (2 · hd), and which parts rotate.
+    fn parts<T: Real>(&self, norms: &[T]) -> ([Option<Vec<T>>; 3], [bool; 3]) {
+        let hd = norms.len() / 2;
+        let weight = |p: usize| self.normed.then(|| norms[p * hd..(p + 1) * hd].to_vec());
+        ([weight(0), weight(1), None], [true, true, false])
+    }
+}
+
+impl candle_core::CustomOp2 for QkvHeads {
+    fn name(&self) -> &'static str {
+        "qkv-heads"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, t, h, hd) = self.dims(l1.shape())?;
+        macro_rules! forward {
+            ($t:ty, $wrap:path) => {{
+                let x = contiguous_slice::<$t>(s1, l1, "qkv")?;
+                let (norms, rotate) = self.parts(contiguous_slice::<$t>(s2, l2, "norms")?);
+                let out = with_tables::<$t, _>((&self.cos, &self.sin), |tables| {
+                    Ok(split_heads_into::<$t>(
+                        (b, t, h, hd),
+                        x,
+                        tables,
+                        &norms,
+                        &rotate,
+                        self.eps,
+                    ))
+                })?;
+                Ok(($wrap(out), Shape::from((3, b, h, t, hd))))
+            }};
+        }
+        match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => forward!(f32, CpuStorage::F32),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => forward!(f64, CpuStorage::F64),
+            _ => bail!("qkv heads needs f32 or f64 inputs of one dtype"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        qkv: &Tensor,
+        norms: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (b, t, h, hd) = self.dims(qkv.shape())?;
+        let grad = grad.contiguous()?;
+        macro_rules! backward {
+            ($t:ty) => {{
+                let (dx, dnorms) = with_slice::<$t, _>(qkv, |x| {
+                    with_slice::<$t, _>(norms, |w| {
+                        with_slice::<$t, _>(&grad, |g| {
+                            with_tables::<$t, _>((&self.cos, &self.sin), |tables| {
+                                let (norms, rotate) = self.parts(w);
+                                Ok(split_heads_backward::<$t>(
+                                    (b, t, h, hd),
+                                    x,
+                                    tables,
+                                    &norms,
+                                    &rotate,
+                                    self.eps,
+                                    g,
+                                ))
+                            })
+                        })
+                    })
+                })?;
+                let dx = Tensor::from_vec(dx, qkv.shape(), qkv.device())?;
+                // The v part has no norm: its slot of `dnorms` is dropped.
+                let dnorms = Tensor::from_vec(dnorms[..2 * hd].to_vec(), (2, hd), qkv.device())?;
+                (dx, dnorms)
+            }};
+        }
+        let (dx, dnorms) = match qkv.dtype() {
+            DType::F32 => backward!(f32),
+            DType::F64 => backward!(f64),
+            dtype => bail!("qkv heads supports f32 and f64, not {dtype:?}"),
+        };
+        Ok((Some(dx), self.normed.then_some(dnorms)))
+    }
+}
+
+/// The backward pass of [`split_heads_into`]: given the outputs' gradient `g` (parts, b, h, t, hd), the
+/// gradient of `x` (b · t rows of parts · h · hd) and of each part's norm weight (parts · hd, zeros
+/// where a part has none). Rows run in parallel chunks, each summing its own norm-weight gradient.
+fn split_heads_backward<T: Real>(
+    (b, t, h, hd): (usize, usize, usize, usize),
+    x: &[T],
+    (cos, sin): (&[T], &[T]),
+    norms: &[Option<Vec<T>>],
+    rotate: &[bool],
+    eps: f64,
+    g: &[T],
+) -> (Vec<T>, Vec<T>) {
+    let parts = norms.len();
+    let width = parts * h * hd;
+    let half = hd / 2;
+    let mut dx = vec![T::zero(); b * t * width];
+    let partial: Vec<Vec<T>> = dx
+        .par_chunks_mut((width * ROWS_PER_CHUNK).max(1))
+        .enumerate()
+        .map(|(chunk, dx)| {
+            let mut dw = vec![T::zero(); parts * hd];
+            let mut gy = vec![T::zero(); hd];
+            for (i, dx_row) in dx.chunks_mut(width.max(1)).enumerate() {
+                let row = chunk * ROWS_PER_CHUNK + i;
+                let (s, ti) = (row / t, row % t);
+                for p in 0..parts {
+                    for head in 0..h {
+                        let at = (p * h + head) * hd;
+                        let from = (((p * b + s) * h + head) * t + ti) * hd;
+                        gy.copy_from_slice(&g[from..from + hd]);
+                        // The rotation's transpose: the same angles, turned back.
+                        if rotate[p] {
+                            let c = &cos[row * half..(row + 1) * half];
+                            let sn = &sin[row * half..(row + 1) * half];
+                            let (g1, g2) = gy.split_at_mut(half);
+                            for j in 0..half {
+                                let (a, z) = (g1[j], g2[j]);
+                                g1[j] = a * c[j] + z * sn[j];
+                                g2[j] = z * c[j] - a * sn[j];
+                            }
+                        }
+                        let src = &x[row * width + at..row * width + at + hd];
+                        let dst = &mut dx_row[at..at + hd];
+                        match &norms[p] {
+                            // y = x·inv·w with inv = 1/√(mean(x²) + eps):
+                            // dx = inv·(g∘w) − x·inv³·Σ(g∘w∘x)/hd, and dw += g∘x·inv.
+                            Some(w) => {
+                                let inv = inv_rms(src, eps);
+                                let coef = inv * inv * inv * dot3(&gy, w, src) / real(hd as f64);
+                                let dw = &mut dw[p * hd..(p + 1) * hd];
+                                for j in 0..hd {
+                                    dst[j] = inv * gy[j] * w[j] - src[j] * coef;
+                                    dw[j] += gy[j] * src[j] * inv;
+                                }
+                            }
+                            None => dst.copy_from_slice(&gy),
+                        }
+                    }
+                }
+            }
+            dw
+        })
+        .collect();
+    let mut dnorms = vec![T::zero(); parts * hd];
+    for dw in partial {
+        for (total, x) in dnorms.iter_mut().zip(dw) {
+            *total += x;
+        }
+    }
+    (dx, dnorms)
 }
 
 /// [`split_heads`]' arithmetic: (part, sample, head) blocks in parallel, written as (parts, b, h, t, hd).
@@ -1189,45 +1632,107 @@ fn split_heads_into<T: Real>(
     out
 }
 
-/// For inference: silu(gate) · up for the gate and up projections side by side in `x` (…, 2f), gate
-/// first, giving (…, f). The same values as [`swiglu`] on the two halves, without splitting them into
-/// tensors of their own (one matrix product computes both). It has no backward pass: inputs that need
-/// gradients are refused.
+/// silu(gate) · up for the gate and up projections side by side in `x` (…, 2f), gate first, giving
+/// (…, f): the same values as [`swiglu`] on the two halves, without splitting them into tensors of their
+/// own, so that one matrix product computes both. Its gradient is likewise one (…, 2f) tensor, the gate's
+/// half first.
 pub fn swiglu_halves(x: &Tensor) -> Result<Tensor> {
     let width = x.dim(candle_core::D::Minus1)?;
     if !width.is_multiple_of(2) {
         bail!("swiglu halves: an odd width {width} in {:?}", x.dims());
     }
-    if x.track_op() {
-        bail!("swiglu halves has no backward pass; inputs that need gradients take `swiglu`");
+    x.contiguous()?.apply_op1(SwiGluHalves)
+}
+
+/// [`swiglu_halves`]' op.
+struct SwiGluHalves;
+
+impl SwiGluHalves {
+    fn forward<T: Real>(x: &[T], f: usize) -> Vec<T> {
+        let width = 2 * f;
+        let mut out = vec![T::zero(); x.len() / 2];
+        out.par_chunks_mut(f.max(1) * ROWS_PER_CHUNK)
+            .zip(x.par_chunks(width.max(1) * ROWS_PER_CHUNK))
+            .for_each(|(out, x)| {
+                for (y, row) in out.chunks_mut(f.max(1)).zip(x.chunks(width.max(1))) {
+                    let (gate, up) = row.split_at(f);
+                    for ((y, &g), &u) in y.iter_mut().zip(gate).zip(up) {
+                        *y = g * sigmoid(g) * u;
+                    }
+                }
+            });
+        out
     }
-    let f = width / 2;
-    let mut shape = x.dims().to_vec();
-    *shape.last_mut().expect("x has a last dimension") = f;
-    let x = x.contiguous()?;
-    macro_rules! run {
-        ($t:ty) => {{
-            let out = with_slice::<$t, _>(&x, |x| {
-                let mut out = vec![<$t>::default(); x.len() / 2];
-                out.par_chunks_mut(f.max(1) * ROWS_PER_CHUNK)
-                    .zip(x.par_chunks(width.max(1) * ROWS_PER_CHUNK))
-                    .for_each(|(out, x)| {
-                        for (y, row) in out.chunks_mut(f.max(1)).zip(x.chunks(width.max(1))) {
-                            let (gate, up) = row.split_at(f);
-                            for ((y, &g), &u) in y.iter_mut().zip(gate).zip(up) {
-                                *y = g * sigmoid(g) * u;
-                            }
-                        }
-                    });
-                Ok(out)
-            })?;
-            Tensor::from_vec(out, shape, x.device())
-        }};
+
+    /// The gradient of `x` (rows of 2f) given the output's `grad` (rows of f).
+    fn backward<T: Real>(x: &[T], grad: &[T], f: usize) -> Vec<T> {
+        let width = 2 * f;
+        let mut dx = vec![T::zero(); x.len()];
+        dx.par_chunks_mut(width.max(1) * ROWS_PER_CHUNK)
+            .zip(x.par_chunks(width.max(1) * ROWS_PER_CHUNK))
+            .zip(grad.par_chunks(f.max(1) * ROWS_PER_CHUNK))
+            .for_each(|((dx, x), grad)| {
+                for ((dx, row), g) in dx
+                    .chunks_mut(width.max(1))
+                    .zip(x.chunks(width.max(1)))
+                    .zip(grad.chunks(f.max(1)))
+                {
+                    let (gate, up) = row.split_at(f);
+                    let (dgate, dup) = dx.split_at_mut(f);
+                    for i in 0..f {
+                        let (x, s) = (gate[i], sigmoid(gate[i]));
+                        // silu'(x) = s + x·s·(1 − s).
+                        dgate[i] = g[i] * up[i] * (s + x * s * (T::one() - s));
+                        dup[i] = g[i] * x * s;
+                    }
+                }
+            });
+        dx
     }
-    match x.dtype() {
-        DType::F32 => run!(f32),
-        DType::F64 => run!(f64),
-        dtype => bail!("swiglu halves supports f32 and f64, not {dtype:?}"),
+}
+
+impl candle_core::CustomOp1 for SwiGluHalves {
+    fn name(&self) -> &'static str {
+        "swiglu-halves"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let mut dims = layout.shape().dims().to_vec();
+        let f = dims.last().copied().unwrap_or(0) / 2;
+        if let Some(last) = dims.last_mut() {
+            *last = f;
+        }
+        let out = match storage {
+            CpuStorage::F32(_) => CpuStorage::F32(Self::forward(
+                contiguous_slice::<f32>(storage, layout, "swiglu halves")?,
+                f,
+            )),
+            CpuStorage::F64(_) => CpuStorage::F64(Self::forward(
+                contiguous_slice::<f64>(storage, layout, "swiglu halves")?,
+                f,
+            )),
+            _ => bail!("swiglu halves supports f32 and f64"),
+        };
+        Ok((out, Shape::from(dims)))
+    }
+
+    fn bwd(&self, x: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let f = x.dim(candle_core::D::Minus1)? / 2;
+        let grad = grad.contiguous()?;
+        macro_rules! run {
+            ($t:ty) => {
+                with_slice::<$t, _>(x, |x| {
+                    with_slice::<$t, _>(&grad, |g| Ok(Self::backward(x, g, f)))
+                })
+                .and_then(|dx| Tensor::from_vec(dx, x.shape(), x.device()))?
+            };
+        }
+        let dx = match x.dtype() {
+            DType::F32 => run!(f32),
+            DType::F64 => run!(f64),
+            dtype => bail!("swiglu halves supports f32 and f64, not {dtype:?}"),
+        };
+        Ok(Some(dx))
     }
 }
 

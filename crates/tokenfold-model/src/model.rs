@@ -415,6 +415,10 @@ pub(crate) struct Block {
     attn: Attention,
     mlp_norm: Tensor,
     ffn: Ffn,
+    /// Whether projections of one input are stacked into one matmul outside the inference path: q, k
+    /// and v in passes without a cache ([`Block::stacked_heads`]), gate and up in every pass. On unless
+    /// turned off for comparison ([`NativeModel::set_stack_projections`]).
+    stack_projections: bool,
 }
 
 /// What one layer hands back: the new hidden state, its queries and keys, and for MoE layers the
@@ -547,7 +551,12 @@ impl Block {
                     &vb.pp("moe"),
                 )?),
             },
+            stack_projections: true,
         })
+    }
+
+    pub(crate) fn set_stack_projections(&mut self, on: bool) {
+        self.stack_projections = on;
     }
 
     fn prepare_inference(&mut self) -> Result<()> {
@@ -637,6 +646,38 @@ impl Block {
         ))
     }
 
+    /// Queries, keys and values of this layer for input `x`, stacked as (3, b, h, t, hd) for
+    /// [`crate::kernels::attention_qkv`]: one matmul with the three weights side by side, then
+    /// [`crate::kernels::qkv_heads`] for the QK-norm, rotation and head layout. Gradients reach every
+    /// weight, as through the separate projections.
+    fn stacked_heads(
+        &self,
+        x: &Tensor,
+        rope: (&Tensor, &Tensor),
+        cfg: &ModelConfig,
+    ) -> Result<Tensor> {
+        let normed = rms_norm(x, &self.attn_norm, cfg.norm_eps)?;
+        let (b, t, d) = normed.dims3()?;
+        let attn = &self.attn;
+        let weights = Tensor::cat(
+            &[
+                attn.q_proj.linear.weight(),
+                attn.k_proj.linear.weight(),
+                attn.v_proj.linear.weight(),
+            ],
+            0,
+        )?;
+        let qkv = normed
+            .reshape((b * t, d))?
+            .matmul(&weights.t()?)?
+            .reshape((b, t, ()))?;
+        let norms = match (&attn.q_norm, &attn.k_norm) {
+            (Some(q), Some(k)) => Some(Tensor::stack(&[q, k], 0)?),
+            _ => None,
+        };
+        crate::kernels::qkv_heads(&qkv, norms.as_ref(), cfg.n_heads, rope, cfg.norm_eps)
+    }
+
     /// Queries (b, h, t, hd) of the normed input `normed` (b, t, d), QK-normed and rotated.
     fn queries(
         &self,
@@ -698,6 +739,21 @@ impl Block {
         is_image: &[bool],
     ) -> Result<LayerOutput> {
         let (b, t, d) = x.dims3()?;
+        // A pass without a cache over a dense mask (training, evaluation, scoring): q, k and v stay
+        // stacked from their projection through attention, and so do their gradients.
+        if let (Mask::Dense(bias), None) = (&mask, &cache)
+            && self.stack_projections
+            && self.attn.qkv_transposed.is_none()
+            && crate::kernels::attention_supported(x, bias)
+        {
+            let heads = self.stacked_heads(x, rope, cfg)?;
+            let scale = 1.0 / (cfg.head_dim() as f64).sqrt();
+            let attended = crate::kernels::attention_qkv(&heads, bias, scale)?
+                .transpose(1, 2)?
+                .reshape((b, t, d))?;
+            let (q, k) = (heads.i(0)?, heads.i(1)?);
+            return self.finish(x, &attended, q, k, cfg, (new_keys.0, is_image));
+        }
         let (q, k, v) = self.queries_keys(x, rope, cfg, true)?;
         let v = v.ok_or_else(|| candle_core::Error::Msg("values were not computed".into()))?;
         let (new_valid, new_bias) = new_keys;
@@ -796,6 +852,16 @@ impl Block {
                     let hidden = matmul_add(&x, &activated.reshape((b, t, ()))?, down)?;
                     (hidden, None, None)
                 }
+                _ if self.stack_projections
+                    && crate::kernels::elementwise_supported(&normed, &[]) =>
+                {
+                    let (b, t, d) = normed.dims3()?;
+                    let weights =
+                        Tensor::cat(&[gate_proj.linear.weight(), up_proj.linear.weight()], 0)?;
+                    let gate_up = normed.reshape((b * t, d))?.matmul(&weights.t()?)?;
+                    let activated = swiglu_halves(&gate_up)?.reshape((b, t, ()))?;
+                    ((x + down_proj.forward(&activated)?)?, None, None)
+                }
                 _ => {
                     let activated =
                         swiglu(&gate_proj.forward(&normed)?, &up_proj.forward(&normed)?)?;
@@ -863,6 +929,8 @@ pub struct NativeModel {
     frozen_weights: Option<HashMap<String, Tensor>>,
     /// Whether inference passes over padded batches pack their rows (see [`NativeModel::forward`]).
     pack_rows: bool,
+    /// See [`NativeModel::set_stack_projections`].
+    stack_projections: bool,
 }
 
 impl NativeModel {
@@ -957,6 +1025,7 @@ impl NativeModel {
             device: device.clone(),
             frozen_weights: None,
             pack_rows: packing_enabled(),
+            stack_projections: true,
         })
     }
 
@@ -979,6 +1048,7 @@ impl NativeModel {
         let mut frozen = Self::build(self.config.clone(), VarMap::new(), vb, &self.device)?;
         frozen.frozen_weights = Some(tensors);
         frozen.pack_rows = self.pack_rows;
+        frozen.set_stack_projections(self.stack_projections);
         if self.is_prepared_for_inference() {
             frozen.prepare_inference()?;
         }
@@ -1070,6 +1140,21 @@ impl NativeModel {
     /// Turns row packing on or off, e.g. to compare the two layouts.
     pub fn set_pack_rows(&mut self, on: bool) {
         self.pack_rows = on;
+    }
+
+    /// Whether the training path stacks projections that share an input, on by default: passes without a
+    /// KV cache (training, evaluation) project q, k and v in one matmul and keep them stacked through
+    /// attention, and the gate and up projections are one matmul followed by [`swiglu_halves`], gradients
+    /// stacked alike. Off, each projection has its own matmul, head split, norm and rotation, as before;
+    /// for comparison and debugging.
+    pub fn set_stack_projections(&mut self, on: bool) {
+        self.stack_projections = on;
+        for block in &mut self.blocks {
+            block.set_stack_projections(on);
+        }
+        if let ImageInput::Encoder(encoder) = &mut self.image {
+            encoder.set_stack_projections(on);
+        }
     }
 
     pub fn parameter_count(&self) -> usize {

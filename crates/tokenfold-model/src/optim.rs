@@ -80,12 +80,16 @@ impl AdamW {
             let Some(grad) = grads.get(name) else {
                 continue;
             };
-            let m = ((&self.m[i] * c.beta1)? + (grad * (1.0 - c.beta1))?)?;
-            let v = ((&self.v[i] * c.beta2)? + (grad.sqr()? * (1.0 - c.beta2))?)?;
-            let update = ((&m / correction1)? / ((&v / correction2)?.sqrt()? + c.eps)?)?;
-            let decay = if var.rank() >= 2 { c.weight_decay } else { 0.0 };
-            let lr = lr * self.lr_scales[i];
-            let next = ((var.as_tensor() * (1.0 - lr * decay))? - (update * lr)?)?;
+            let step = UpdateStep {
+                beta1: c.beta1,
+                beta2: c.beta2,
+                correction1,
+                correction2,
+                eps: c.eps,
+                lr: lr * self.lr_scales[i],
+                decay: if var.rank() >= 2 { c.weight_decay } else { 0.0 },
+            };
+            let (next, m, v) = update(var.as_tensor(), grad, (&self.m[i], &self.v[i]), &step)?;
             var.set(&next)?;
             self.m[i] = m;
             self.v[i] = v;
@@ -127,6 +131,48 @@ impl AdamW {
         self.step = step;
         Ok(())
     }
+}
+
+/// What one variable's AdamW update needs besides its tensors.
+#[derive(Debug, Clone, Copy)]
+pub struct UpdateStep {
+    pub beta1: f64,
+    pub beta2: f64,
+    /// The bias corrections 1 − β₁ᵗ and 1 − β₂ᵗ.
+    pub correction1: f64,
+    pub correction2: f64,
+    pub eps: f64,
+    /// This variable's learning rate, and its decoupled weight decay (0 for vectors).
+    pub lr: f64,
+    pub decay: f64,
+}
+
+/// One variable's update: its next value and moment estimates from its gradient. The fused kernel
+/// ([`crate::kernels::adamw_update`], one pass) where it runs, the plain ops otherwise.
+fn update(
+    var: &Tensor,
+    grad: &Tensor,
+    moments: (&Tensor, &Tensor),
+    step: &UpdateStep,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    if crate::kernels::adamw_supported(var, grad) {
+        return crate::kernels::adamw_update(var, grad, moments, step);
+    }
+    update_plain(var, grad, moments, step)
+}
+
+/// [`update`] in candle ops: eight operations, each a pass over the variable and a new tensor.
+pub fn update_plain(
+    var: &Tensor,
+    grad: &Tensor,
+    (m, v): (&Tensor, &Tensor),
+    s: &UpdateStep,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let m = ((m * s.beta1)? + (grad * (1.0 - s.beta1))?)?;
+    let v = ((v * s.beta2)? + (grad.sqr()? * (1.0 - s.beta2))?)?;
+    let step = ((&m / s.correction1)? / ((&v / s.correction2)?.sqrt()? + s.eps)?)?;
+    let next = ((var * (1.0 - s.lr * s.decay))? - (step * s.lr)?)?;
+    Ok((next, m, v))
 }
 
 /// Gradients of named variables from a backward pass.

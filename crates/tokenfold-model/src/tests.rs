@@ -415,6 +415,174 @@ fn fused_attention_matches_the_plain_ops_in_values_and_gradients() {
     }
 }
 
+/// Part `p` of projections side by side in `x` (b, t, parts · h · hd) as heads (b, h, t, hd), with candle
+/// ops: split, then RMS-normed by `norm` and rotated by `rope` where given.
+fn plain_part(
+    x: &Tensor,
+    (p, h, hd): (usize, usize, usize),
+    norm: Option<&Tensor>,
+    rope: Option<(&Tensor, &Tensor)>,
+) -> Tensor {
+    let (b, t, _) = x.dims3().unwrap();
+    let mut part = x
+        .narrow(2, p * h * hd, h * hd)
+        .unwrap()
+        .reshape((b, t, h, hd))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .contiguous()
+        .unwrap();
+    if let Some(w) = norm {
+        part = ops::rms_norm_plain(&part, w, 1e-5).unwrap();
+    }
+    if let Some((cos, sin)) = rope {
+        part = ops::apply_rope_plain(&part, cos, sin).unwrap();
+    }
+    part
+}
+
+/// q, k and v side by side in `qkv` (b, t, 3 · h · hd) as [`crate::kernels::qkv_heads`] splits them, with
+/// candle ops: the queries and keys normed by `norms` (2, hd) when given, then rotated.
+fn plain_heads(
+    qkv: &Tensor,
+    norms: Option<&Tensor>,
+    h: usize,
+    rope: (&Tensor, &Tensor),
+) -> [Tensor; 3] {
+    let hd = qkv.dim(2).unwrap() / (3 * h);
+    let norm = |p: usize| norms.map(|w| w.i(p).unwrap());
+    [
+        plain_part(qkv, (0, h, hd), norm(0).as_ref(), Some(rope)),
+        plain_part(qkv, (1, h, hd), norm(1).as_ref(), Some(rope)),
+        plain_part(qkv, (2, h, hd), None, None),
+    ]
+}
+
+#[test]
+fn stacked_projection_kernels_match_the_plain_ops_in_values_and_gradients() {
+    let f32_randn = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap();
+    // 70 positions cross the attention's 64-row tile and the row kernels' 64-row chunks; padding, an
+    // image span and a sample with no visible key, as in the unstacked attention's test.
+    let (b, t, h, hd) = (3, 70, 2, 8);
+    let bias = model_like_bias(&[70, 41, 0], t, (3, 20));
+    let positions: Vec<u32> = (0..(b * t) as u32).map(|i| (i * 7) % 50).collect();
+    let (cos, sin) = rope_rows(hd, positions, (b, t));
+    let scale = 1.0 / (hd as f64).sqrt();
+    for normed in [true, false] {
+        let mut inputs = vec![f32_randn(&[b, t, 3 * h * hd])];
+        if normed {
+            inputs.push(f32_randn(&[2, hd]));
+        }
+        let rope = (&cos, &sin);
+        assert_fused_matches_plain(
+            &format!("qkv heads, normed {normed}"),
+            &inputs,
+            &|x, fused| {
+                if fused {
+                    crate::kernels::qkv_heads(&x[0], x.get(1), h, rope, 1e-5)
+                } else {
+                    Tensor::stack(&plain_heads(&x[0], x.get(1), h, rope), 0)
+                }
+            },
+        );
+        assert_fused_matches_plain(
+            &format!("stacked attention, normed {normed}"),
+            &inputs,
+            &|x, fused| {
+                if fused {
+                    let heads = crate::kernels::qkv_heads(&x[0], x.get(1), h, rope, 1e-5)?;
+                    crate::kernels::attention_qkv(&heads, &bias, scale)
+                } else {
+                    let [q, k, v] = plain_heads(&x[0], x.get(1), h, rope);
+                    ops::attention_plain(&q, &k, &v, &bias)
+                }
+            },
+        );
+    }
+    // Gate and up side by side, over more rows than one parallel chunk.
+    assert_fused_matches_plain(
+        "swiglu halves",
+        &[f32_randn(&[2, 70, 2 * 24])],
+        &|x, fused| {
+            if fused {
+                crate::kernels::swiglu_halves(&x[0])
+            } else {
+                ops::swiglu_plain(&x[0].narrow(2, 0, 24)?, &x[0].narrow(2, 24, 24)?)
+            }
+        },
+    );
+    let odd =
+        crate::kernels::qkv_heads(&f32_randn(&[b, t, 3 * h * 7]), None, h, (&cos, &sin), 1e-5);
+    assert!(odd.unwrap_err().to_string().contains("even size"));
+    let wrong_norms = f32_randn(&[3, hd]);
+    let err = crate::kernels::qkv_heads(
+        &f32_randn(&[b, t, 3 * h * hd]),
+        Some(&wrong_norms),
+        h,
+        (&cos, &sin),
+        1e-5,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("norm weights of [3, 8]"), "{err}");
+    let unstacked = f32_randn(&[2, b, h, t, hd]);
+    let err = crate::kernels::attention_qkv(&unstacked, &bias, scale)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("must be (3, b, h, t, d)"), "{err}");
+}
+
+#[test]
+fn stacked_projection_kernel_gradients() {
+    let (b, t, h, hd) = (2, 5, 2, 4);
+    let positions: Vec<u32> = (0..(b * t) as u32).map(|i| (i * 3) % 11).collect();
+    let (cos, sin) = rope_rows(hd, positions, (b, t));
+    check_gradient(
+        "qkv heads",
+        &[randn(&[b, t, 3 * h * hd]), randn(&[2, hd])],
+        |x| crate::kernels::qkv_heads(&x[0], Some(&x[1]), h, (&cos, &sin), 1e-5),
+    );
+    let bias = model_like_bias(&[5, 3], t, (1, 2));
+    check_gradient("stacked attention", &[randn(&[3, b, h, t, hd])], |x| {
+        crate::kernels::attention_qkv(&x[0], &bias, 0.5)
+    });
+    check_gradient("swiglu halves", &[randn(&[2, 3, 10])], |x| {
+        crate::kernels::swiglu_halves(&x[0])
+    });
+}
+
+#[test]
+fn stacked_projections_train_as_separate_ones() {
+    // The loss and every weight's gradient, with q, k and v stacked from one matmul through attention
+    // and gate and up from another, against each projected (and split, normed and rotated) on its own:
+    // dense, mixture of experts and late fusion (whose encoder blocks stack too).
+    let moe = moe_config(4, 2, crate::moe::Routing::Learned);
+    for config in [tiny_config(), moe, late_config()] {
+        let mut model = NativeModel::new(config, 5, &Device::Cpu).unwrap();
+        let batch = mixed_batch(&tiny_seq());
+        let mut run = |stacked: bool| {
+            model.set_stack_projections(stacked);
+            let loss = model.loss(&batch).unwrap();
+            let grads = loss.backward().unwrap();
+            let data = model.varmap.data().lock().unwrap();
+            let mut all: Vec<(String, Tensor)> = data
+                .iter()
+                .map(|(name, var)| (name.clone(), grads.get(var.as_tensor()).unwrap().clone()))
+                .collect();
+            all.sort_by(|a, b| a.0.cmp(&b.0));
+            all.push(("loss".to_string(), loss.detach()));
+            all
+        };
+        let (stacked, separate) = (run(true), run(false));
+        assert_eq!(stacked.len(), separate.len());
+        for ((name, a), (_, r)) in stacked.iter().zip(&separate) {
+            let error = relative_error(a, r);
+            assert!(error < 1e-5, "{name} differs by {error:.2e} (relative)");
+        }
+    }
+}
+
 #[test]
 fn cross_entropy_gradient_and_value() {
     let targets = Tensor::new(&[2u32, 0, 4], &Device::Cpu).unwrap();
@@ -666,6 +834,53 @@ fn adamw_first_step_moves_each_weight_by_lr_and_decays_matrices() {
     assert!((m[0][1] - (-2.0 * (1.0 - 0.05) + 0.1)).abs() < 1e-5);
     let g: Vec<f32> = gain.as_tensor().to_vec1().unwrap();
     assert!((g[0] - (3.0 - 0.1)).abs() < 1e-5, "no decay on vectors");
+}
+
+#[test]
+fn the_fused_adamw_update_equals_the_plain_ops() {
+    let randn = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap();
+    let step = crate::optim::UpdateStep {
+        beta1: 0.9,
+        beta2: 0.95,
+        correction1: 1.0 - 0.9f64.powi(3),
+        correction2: 1.0 - 0.95f64.powi(3),
+        eps: 1e-8,
+        lr: 2e-3,
+        decay: 0.1,
+    };
+    // A matrix larger than one parallel chunk with a transposed (non-contiguous) gradient, as a
+    // projection's is, and a vector without decay.
+    let cases = [
+        (randn(&[130, 260]), randn(&[260, 130]).t().unwrap(), step),
+        (
+            randn(&[7]),
+            randn(&[7]),
+            crate::optim::UpdateStep { decay: 0.0, ..step },
+        ),
+    ];
+    for (var, grad, step) in &cases {
+        let (m, v) = (randn(var.dims()), randn(var.dims()).sqr().unwrap());
+        let fused = crate::kernels::adamw_update(var, grad, (&m, &v), step).unwrap();
+        let plain = crate::optim::update_plain(var, grad, (&m, &v), step).unwrap();
+        for (what, a, r) in [
+            ("value", &fused.0, &plain.0),
+            ("m", &fused.1, &plain.1),
+            ("v", &fused.2, &plain.2),
+        ] {
+            assert_eq!(a.dims(), var.dims());
+            let error = relative_error(a, r);
+            assert!(error < 1e-6, "{what} differs by {error:.2e}");
+        }
+    }
+    let err = crate::kernels::adamw_update(
+        &randn(&[3]),
+        &randn(&[4]),
+        (&randn(&[3]), &randn(&[3])),
+        &step,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("gradient [4]"), "{err}");
 }
 
 #[test]
@@ -1838,21 +2053,8 @@ fn split_heads_equals_reshape_norm_and_rotation() {
     ];
     let split = crate::kernels::split_heads(&x, h, &parts, (&cos, &sin), 1e-5).unwrap();
     for (p, part) in parts.iter().enumerate() {
-        let mut reference = x
-            .narrow(2, p * h * hd, h * hd)
-            .unwrap()
-            .reshape((b, t, h, hd))
-            .unwrap()
-            .transpose(1, 2)
-            .unwrap()
-            .contiguous()
-            .unwrap();
-        if let Some(w) = part.norm {
-            reference = ops::rms_norm_plain(&reference, w, 1e-5).unwrap();
-        }
-        if part.rotate {
-            reference = ops::apply_rope_plain(&reference, &cos, &sin).unwrap();
-        }
+        let rope = part.rotate.then_some((&cos, &sin));
+        let reference = plain_part(&x, (p, h, hd), part.norm, rope);
         assert_eq!(split[p].dims(), &[b, h, t, hd]);
         let error = relative_error(&split[p], &reference);
         assert!(error < 1e-6, "part {p} differs by {error:.2e}");
@@ -1900,8 +2102,8 @@ fn the_fused_inference_kernels_equal_the_plain_ops() {
     assert!(odd.to_string().contains("odd width"), "{odd}");
     let err = crate::kernels::add_rms_norm(&a, &b.narrow(1, 0, 3).unwrap(), &w, 1e-5).unwrap_err();
     assert!(err.to_string().contains("differ"), "{err}");
-    let var = candle_core::Var::from_tensor(&x).unwrap();
-    let err = crate::kernels::swiglu_halves(var.as_tensor()).unwrap_err();
+    let var = candle_core::Var::from_tensor(&a).unwrap();
+    let err = crate::kernels::add_rms_norm(var.as_tensor(), &b, &randn(&[32]), 1e-5).unwrap_err();
     assert!(err.to_string().contains("no backward pass"), "{err}");
 }
 

@@ -205,6 +205,13 @@ fn randn(
 }
 
 impl VisionEncoder {
+    /// See [`crate::NativeModel::set_stack_projections`].
+    pub(crate) fn set_stack_projections(&mut self, on: bool) {
+        for block in &mut self.blocks {
+            block.set_stack_projections(on);
+        }
+    }
+
     /// Weights under `vision.` (encoder) and `connector.`.
     pub(crate) fn new(
         vision: &VisionConfig,
