@@ -911,28 +911,31 @@ struct RmsNorm {
     eps: f64,
 }
 
-/// Whether [`adamw_update`] can run on this variable and gradient: fused kernels on, CPU, f32.
-pub fn adamw_supported(var: &Tensor, grad: &Tensor) -> bool {
+/// Whether [`adamw_update`] can run on this variable, gradient and moments: fused kernels on, CPU, f32
+/// throughout, one shape.
+pub fn adamw_supported(var: &Tensor, grad: &Tensor, (m, v): (&Tensor, &Tensor)) -> bool {
     fused_enabled()
         && var.device().is_cpu()
-        && var.dtype() == DType::F32
-        && grad.dtype() == DType::F32
-        && grad.dims() == var.dims()
+        && [var, grad, m, v]
+            .iter()
+            .all(|t| t.dtype() == DType::F32 && t.dims() == var.dims())
 }
 
 /// Elements per parallel chunk of [`adamw_update`].
 const UPDATE_CHUNK: usize = 1 << 14;
 
 /// One AdamW update of an f32 variable in a single pass: from `var`, its gradient and its moment
-/// estimates (m, v), the next value and the next m and v. The same arithmetic as
-/// [`crate::optim::update_plain`], whose eight candle operations each read and write the whole variable.
+/// estimates (m, v), the next value and the next m and v. Bit for bit the arithmetic of
+/// [`crate::optim::update_plain`], whose eight candle operations each read and write the whole variable:
+/// candle multiplies by a scalar in f32 after computing it in f64, and divides by one as a
+/// multiplication by its inverse.
 pub fn adamw_update(
     var: &Tensor,
     grad: &Tensor,
     (m, v): (&Tensor, &Tensor),
     s: &crate::optim::UpdateStep,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    if !adamw_supported(var, grad) || m.dims() != var.dims() || v.dims() != var.dims() {
+    if !adamw_supported(var, grad, (m, v)) {
         bail!(
             "fused AdamW: variable {:?} ({:?}), gradient {:?} ({:?}), moments {:?} and {:?}",
             var.dims(),
@@ -947,8 +950,9 @@ pub fn adamw_update(
     let var = var.contiguous()?;
     let n = var.elem_count();
     let (beta1, beta2) = (s.beta1 as f32, s.beta2 as f32);
-    let (c1, c2, eps) = (s.correction1 as f32, s.correction2 as f32, s.eps as f32);
-    let (lr, keep) = (s.lr as f32, (1.0 - s.lr * s.decay) as f32);
+    let (rest1, rest2) = ((1.0 - s.beta1) as f32, (1.0 - s.beta2) as f32);
+    let (inv_c1, inv_c2) = ((1.0 / s.correction1) as f32, (1.0 / s.correction2) as f32);
+    let (eps, lr, keep) = (s.eps as f32, s.lr as f32, (1.0 - s.lr * s.decay) as f32);
     let mut next = vec![0f32; n];
     let mut m_next = vec![0f32; n];
     let mut v_next = vec![0f32; n];
@@ -965,9 +969,9 @@ pub fn adamw_update(
                             let (x, g, m, v) =
                                 (&x[at.clone()], &g[at.clone()], &m[at.clone()], &v[at]);
                             for i in 0..next.len() {
-                                let mi = beta1 * m[i] + (1.0 - beta1) * g[i];
-                                let vi = beta2 * v[i] + (1.0 - beta2) * (g[i] * g[i]);
-                                let step = (mi / c1) / ((vi / c2).sqrt() + eps);
+                                let mi = m[i] * beta1 + g[i] * rest1;
+                                let vi = v[i] * beta2 + (g[i] * g[i]) * rest2;
+                                let step = (mi * inv_c1) / ((vi * inv_c2).sqrt() + eps);
                                 next[i] = x[i] * keep - step * lr;
                                 m_next[i] = mi;
                                 v_next[i] = vi;
@@ -1128,6 +1132,19 @@ fn sigmoid<T: Real>(x: T) -> T {
     (T::one() + (-x).fast_exp()).recip()
 }
 
+/// silu(gate) · up.
+#[inline(always)]
+fn swiglu_value<T: Real>(gate: T, up: T) -> T {
+    gate * sigmoid(gate) * up
+}
+
+/// The gradients of gate and up given the output's gradient `g`; silu'(x) = s + x·s·(1 − s).
+#[inline(always)]
+fn swiglu_grads<T: Real>(gate: T, up: T, g: T) -> (T, T) {
+    let s = sigmoid(gate);
+    (g * up * (s + gate * s * (T::one() - s)), g * gate * s)
+}
+
 impl BinaryKernel for SwiGlu {
     const NAME: &'static str = "fused-swiglu";
 
@@ -1138,7 +1155,7 @@ impl BinaryKernel for SwiGlu {
             .zip(up.par_chunks(ELEMENTS_PER_CHUNK))
             .for_each(|((out, gate), up)| {
                 for ((y, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-                    *y = g * sigmoid(g) * u;
+                    *y = swiglu_value(g, u);
                 }
             });
         out
@@ -1157,10 +1174,7 @@ impl BinaryKernel for SwiGlu {
             )
             .for_each(|(((dgate, dup), gate), (up, grad))| {
                 for i in 0..gate.len() {
-                    let (x, s) = (gate[i], sigmoid(gate[i]));
-                    // silu'(x) = s + x·s·(1 − s).
-                    dgate[i] = grad[i] * up[i] * (s + x * s * (T::one() - s));
-                    dup[i] = grad[i] * x * s;
+                    (dgate[i], dup[i]) = swiglu_grads(gate[i], up[i], grad[i]);
                 }
             });
         (dgate, dup)
@@ -1648,6 +1662,7 @@ pub fn swiglu_halves(x: &Tensor) -> Result<Tensor> {
 struct SwiGluHalves;
 
 impl SwiGluHalves {
+    /// The output (rows of f) of `x` (rows of 2f: gate, then up).
     fn forward<T: Real>(x: &[T], f: usize) -> Vec<T> {
         let width = 2 * f;
         let mut out = vec![T::zero(); x.len() / 2];
@@ -1657,7 +1672,7 @@ impl SwiGluHalves {
                 for (y, row) in out.chunks_mut(f.max(1)).zip(x.chunks(width.max(1))) {
                     let (gate, up) = row.split_at(f);
                     for ((y, &g), &u) in y.iter_mut().zip(gate).zip(up) {
-                        *y = g * sigmoid(g) * u;
+                        *y = swiglu_value(g, u);
                     }
                 }
             });
@@ -1680,10 +1695,7 @@ impl SwiGluHalves {
                     let (gate, up) = row.split_at(f);
                     let (dgate, dup) = dx.split_at_mut(f);
                     for i in 0..f {
-                        let (x, s) = (gate[i], sigmoid(gate[i]));
-                        // silu'(x) = s + x·s·(1 − s).
-                        dgate[i] = g[i] * up[i] * (s + x * s * (T::one() - s));
-                        dup[i] = g[i] * x * s;
+                        (dgate[i], dup[i]) = swiglu_grads(gate[i], up[i], g[i]);
                     }
                 }
             });

@@ -415,9 +415,10 @@ pub(crate) struct Block {
     attn: Attention,
     mlp_norm: Tensor,
     ffn: Ffn,
-    /// Whether projections of one input are stacked into one matmul outside the inference path: q, k
-    /// and v in passes without a cache ([`Block::stacked_heads`]), gate and up in every pass. On unless
-    /// turned off for comparison ([`NativeModel::set_stack_projections`]).
+    /// Whether projections of one input are stacked into one matmul where the inference path does not
+    /// apply (it needs weights prepared for inference and no tensor tracking gradients): q, k and v in
+    /// passes without a cache ([`Block::stacked_heads`]), gate and up in any pass. On unless turned off
+    /// for comparison ([`NativeModel::set_stack_projections`]).
     stack_projections: bool,
 }
 
@@ -1142,11 +1143,12 @@ impl NativeModel {
         self.pack_rows = on;
     }
 
-    /// Whether the training path stacks projections that share an input, on by default: passes without a
-    /// KV cache (training, evaluation) project q, k and v in one matmul and keep them stacked through
-    /// attention, and the gate and up projections are one matmul followed by [`swiglu_halves`], gradients
-    /// stacked alike. Off, each projection has its own matmul, head split, norm and rotation, as before;
-    /// for comparison and debugging.
+    /// Whether blocks outside the inference path (training, evaluation during training, a model or
+    /// encoder not prepared for inference) stack projections that share an input, on by default: passes
+    /// without a KV cache project q, k and v in one matmul and keep them stacked through attention, and
+    /// the gate and up projections are one matmul followed by [`swiglu_halves`], gradients stacked alike.
+    /// Off, each projection has its own matmul, head split, norm and rotation, as before; for comparison
+    /// and debugging.
     pub fn set_stack_projections(&mut self, on: bool) {
         self.stack_projections = on;
         for block in &mut self.blocks {

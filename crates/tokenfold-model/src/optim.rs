@@ -155,7 +155,7 @@ fn update(
     moments: (&Tensor, &Tensor),
     step: &UpdateStep,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    if crate::kernels::adamw_supported(var, grad) {
+    if crate::kernels::adamw_supported(var, grad, moments) {
         return crate::kernels::adamw_update(var, grad, moments, step);
     }
     update_plain(var, grad, moments, step)
