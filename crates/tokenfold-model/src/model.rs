@@ -481,6 +481,17 @@ impl Proj {
     }
 }
 
+/// `normed` (b, t, d) through several projections at once: one matmul with their weights side by side,
+/// giving (b · t, the sum of their outputs), each projection's columns after the previous one's. Gradients
+/// reach every weight through the concatenation.
+fn project_stacked(normed: &Tensor, projections: &[&Proj]) -> Result<Tensor> {
+    let (b, t, d) = normed.dims3()?;
+    let weights: Vec<&Tensor> = projections.iter().map(|p| p.linear.weight()).collect();
+    normed
+        .reshape((b * t, d))?
+        .matmul(&Tensor::cat(&weights, 0)?.t()?)
+}
+
 /// Whether `x` may take the inference-only kernels (those without a backward pass): it tracks no
 /// gradient, and the fused kernels run on it.
 fn inference_kernels(x: &Tensor) -> bool {
@@ -658,19 +669,9 @@ impl Block {
         cfg: &ModelConfig,
     ) -> Result<Tensor> {
         let normed = rms_norm(x, &self.attn_norm, cfg.norm_eps)?;
-        let (b, t, d) = normed.dims3()?;
+        let (b, t, _) = normed.dims3()?;
         let attn = &self.attn;
-        let weights = Tensor::cat(
-            &[
-                attn.q_proj.linear.weight(),
-                attn.k_proj.linear.weight(),
-                attn.v_proj.linear.weight(),
-            ],
-            0,
-        )?;
-        let qkv = normed
-            .reshape((b * t, d))?
-            .matmul(&weights.t()?)?
+        let qkv = project_stacked(&normed, &[&attn.q_proj, &attn.k_proj, &attn.v_proj])?
             .reshape((b, t, ()))?;
         let norms = match (&attn.q_norm, &attn.k_norm) {
             (Some(q), Some(k)) => Some(Tensor::stack(&[q, k], 0)?),
@@ -856,10 +857,8 @@ impl Block {
                 _ if self.stack_projections
                     && crate::kernels::elementwise_supported(&normed, &[]) =>
                 {
-                    let (b, t, d) = normed.dims3()?;
-                    let weights =
-                        Tensor::cat(&[gate_proj.linear.weight(), up_proj.linear.weight()], 0)?;
-                    let gate_up = normed.reshape((b * t, d))?.matmul(&weights.t()?)?;
+                    let (b, t, _) = normed.dims3()?;
+                    let gate_up = project_stacked(&normed, &[gate_proj, up_proj])?;
                     let activated = swiglu_halves(&gate_up)?.reshape((b, t, ()))?;
                     ((x + down_proj.forward(&activated)?)?, None, None)
                 }
