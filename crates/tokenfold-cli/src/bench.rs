@@ -34,7 +34,7 @@ pub enum BenchCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Prefill latency of a trained model at batch 1 and 16, full and with a reduction plan, and the share
+    /// Prefill latency of a trained model at batch 1 and 16 (or the sizes given), full and with a reduction plan, and the share
     /// of the plan's prefill spent in reduction (signals and operators).
     #[command(
         after_help = "Example:\n  tokenfold bench prefill --model runs/nmm-s --plan fastv.json --out results/bench-prefill.json"
@@ -52,6 +52,9 @@ pub enum BenchCommand {
         /// layout before packing, for comparison; as `TOKENFOLD_PACKED=0`).
         #[arg(long)]
         padded: bool,
+        /// Batch sizes to time, comma-separated.
+        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 16])]
+        batch: Vec<usize>,
         /// Also write the figures as JSON here.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -77,8 +80,9 @@ pub fn run(command: BenchCommand, paths: &DataPaths) -> Result<()> {
             plan,
             repeats,
             padded,
+            batch,
             out,
-        } => bench_prefill(paths, &model, plan.as_deref(), repeats, padded, out),
+        } => bench_prefill(paths, &model, plan.as_deref(), repeats, padded, &batch, out),
         BenchCommand::Train(options) => crate::bench_train::run(paths, &options),
     }
 }
@@ -89,8 +93,12 @@ fn bench_prefill(
     plan: Option<&std::path::Path>,
     repeats: usize,
     padded: bool,
+    batches: &[usize],
     out: Option<PathBuf>,
 ) -> Result<()> {
+    if let Some(bad) = batches.iter().find(|&&b| b == 0) {
+        anyhow::bail!("--batch: a batch size must be at least 1, got {bad}");
+    }
     let device = tokenfold_model::train::default_device()?;
     let (mut model, tokenizer, config) =
         tokenfold_model::train::RunDir::new(model_dir).load(&device)?;
@@ -120,7 +128,7 @@ fn bench_prefill(
         "| batch | full ms | plan ms | speed-up | FLOPs-predicted speed-up | measured / predicted | predicted if padded | measured / padded | reduction ms | reduction share |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     let mut rows = Vec::new();
-    for batch in [1usize, 16] {
+    for &batch in batches {
         let l = tokenfold_fold::report::measure_latency(
             &model,
             &tokenizer,

@@ -385,9 +385,8 @@ fn train_eval_and_ask_run_end_to_end() {
     );
 
     let bench = dir.path().join("bench-prefill.json");
-    let out = tokenfold(
-        dir.path(),
-        &[
+    let bench_prefill = |extra: &[&str]| {
+        let args = [
             "bench",
             "prefill",
             "--model",
@@ -398,13 +397,28 @@ fn train_eval_and_ask_run_end_to_end() {
             "1",
             "--out",
             bench.to_str().unwrap(),
-        ],
-    );
+        ];
+        tokenfold(dir.path(), &[&args[..], extra].concat())
+    };
+    let figures = || -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(&bench).unwrap()).unwrap()
+    };
+    let out = bench_prefill(&[]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let figures: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&bench).unwrap()).unwrap();
-    assert_eq!(figures["rows"].as_array().unwrap().len(), 2);
-    assert!(figures["rows"][1]["full_ms"].as_f64().unwrap() > 0.0);
+    assert_eq!(figures()["rows"].as_array().unwrap().len(), 2);
+    assert!(figures()["rows"][1]["full_ms"].as_f64().unwrap() > 0.0);
+    // Chosen batch sizes, and a size of zero refused by name.
+    let out = bench_prefill(&["--batch", "3"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rows = figures()["rows"].as_array().unwrap().clone();
+    assert_eq!((rows.len(), rows[0]["batch"].as_u64()), (1, Some(3)));
+    let out = bench_prefill(&["--batch", "1,0"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("--batch"),
+        "{}",
+        text(&out.stderr)
+    );
 
     // A short search writes a plan within its budget, its report, and the plan runs.
     let searched = dir.path().join("searched.json");

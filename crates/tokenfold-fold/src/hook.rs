@@ -62,7 +62,8 @@ pub struct Trace {
     /// Σ over image samples of prompt tokens before any reduction, and of their squares.
     pub prompt_tokens: u64,
     pub prompt_tokens_sq: f64,
-    /// Time spent computing signals and running operators.
+    /// Time spent computing signals and running operators, including the layer-0 bookkeeping that every
+    /// plan needs (the samples' layouts and, for SparseVLM, its rater selection).
     pub overhead: Duration,
 }
 
@@ -219,52 +220,47 @@ impl<'a> FoldHook<'a> {
     /// SparseVLM's rater selection on the layer-0 input: m = mean over visual tokens of softmax over text
     /// tokens of V·Tᵀ; the raters are the text tokens with m above its mean.
     fn choose_raters(&mut self, state: &SeqState) -> Result<()> {
-        let t = state.len();
-        let hidden: Vec<Vec<Vec<f32>>> = state.hidden.to_vec3()?;
-        for (s, hidden) in hidden.iter().enumerate() {
-            let layout = &self.layouts[s];
-            let Some(start) = layout.image_start else {
-                continue;
-            };
-            let image_end = start + layout.n0 as u32;
-            let valid = |j: usize| state.valid[s * t + j];
-            let position = |j: usize| state.positions[s * t + j];
-            let visual: Vec<usize> = (0..t)
-                .filter(|&j| valid(j) && state.is_image[s * t + j])
-                .collect();
-            let text: Vec<usize> = (0..t)
-                .filter(|&j| {
-                    valid(j)
-                        && position(j) > image_end
-                        && position(j) <= layout.query
-                        && Some(position(j)) != layout.summary
-                })
-                .collect();
-            if text.is_empty() || visual.is_empty() {
-                continue;
-            }
-            let dot = |a: &[f32], b: &[f32]| -> f32 { a.iter().zip(b).map(|(x, y)| x * y).sum() };
-            let mut m = vec![0f32; text.len()];
-            for &v in &visual {
-                let logits: Vec<f32> = text.iter().map(|&j| dot(&hidden[v], &hidden[j])).collect();
-                let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let exp: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
-                let total: f32 = exp.iter().sum();
-                for (acc, e) in m.iter_mut().zip(&exp) {
-                    *acc += e / total / visual.len() as f32;
+        let (b, t) = (state.batch(), state.len());
+        let hidden: Vec<f32> = state.hidden.flatten_all()?.to_vec1()?;
+        let d = hidden.len() / (b * t).max(1);
+        let layouts = &self.layouts;
+        // Samples are independent; each one's dot products are the bulk of the work.
+        let raters: Vec<Option<Vec<u32>>> = (0..b)
+            .into_par_iter()
+            .map(|s| {
+                let layout = &layouts[s];
+                let start = layout.image_start?;
+                let image_end = start + layout.n0 as u32;
+                let valid = |j: usize| state.valid[s * t + j];
+                let position = |j: usize| state.positions[s * t + j];
+                let row = |j: usize| &hidden[(s * t + j) * d..(s * t + j + 1) * d];
+                let visual: Vec<usize> = (0..t)
+                    .filter(|&j| valid(j) && state.is_image[s * t + j])
+                    .collect();
+                let text: Vec<usize> = (0..t)
+                    .filter(|&j| {
+                        valid(j)
+                            && position(j) > image_end
+                            && position(j) <= layout.query
+                            && Some(position(j)) != layout.summary
+                    })
+                    .collect();
+                if text.is_empty() || visual.is_empty() {
+                    return None;
                 }
+                let chosen = sparsevlm_raters(
+                    |j| row(visual[j]),
+                    visual.len(),
+                    |j| row(text[j]),
+                    text.len(),
+                );
+                Some(chosen.into_iter().map(|i| position(text[i])).collect())
+            })
+            .collect();
+        for (layout, raters) in self.layouts.iter_mut().zip(raters) {
+            if let Some(raters) = raters {
+                layout.raters = raters;
             }
-            let mean = m.iter().sum::<f32>() / m.len() as f32;
-            let mut raters: Vec<u32> = text
-                .iter()
-                .zip(&m)
-                .filter(|(_, v)| **v > mean)
-                .map(|(&j, _)| position(j))
-                .collect();
-            if raters.is_empty() {
-                raters = text.iter().map(|&j| position(j)).collect();
-            }
-            self.layouts[s].raters = raters;
         }
         Ok(())
     }
@@ -857,7 +853,10 @@ struct StageInputs<'a> {
 impl LayerHook for FoldHook<'_> {
     fn before_layer(&mut self, layer: usize, state: &mut SeqState) -> Result<bool> {
         if layer == 0 {
+            // Reading the layouts includes SparseVLM's rater selection, which is reduction work.
+            let started = Instant::now();
             self.read_layouts(state)?;
+            self.trace.overhead += started.elapsed();
         }
         let mut changed = false;
         let plan = self.plan;
@@ -986,6 +985,40 @@ pub fn sparsevlm_recycle(scores: &[f32], target: usize, metric: &Matrix) -> Assi
     let mut groups: Vec<Vec<usize>> = kept.iter().map(|&i| vec![i]).collect();
     groups.extend(ops::dpc_knn(metric, &best, clusters, 7));
     Assignment::groups(n, &groups)
+}
+
+/// SparseVLM's rater selection: m = mean over the `n_visual` visual rows of the softmax over the `n_text`
+/// text rows of their dot products; the raters are the text rows whose m is above m's mean (all of them
+/// when none is). Returns indices into the text rows, in order.
+pub fn sparsevlm_raters<'a>(
+    visual: impl Fn(usize) -> &'a [f32],
+    n_visual: usize,
+    text: impl Fn(usize) -> &'a [f32],
+    n_text: usize,
+) -> Vec<usize> {
+    if n_visual == 0 || n_text == 0 {
+        return (0..n_text).collect();
+    }
+    let mut m = vec![0f32; n_text];
+    let mut logits = vec![0f32; n_text];
+    for v in 0..n_visual {
+        for (j, l) in logits.iter_mut().enumerate() {
+            *l = ops::dot(visual(v), text(j));
+        }
+        let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        logits.iter_mut().for_each(|l| *l = (*l - max).exp());
+        let total: f32 = logits.iter().sum();
+        for (acc, e) in m.iter_mut().zip(&logits) {
+            *acc += e / total / n_visual as f32;
+        }
+    }
+    let mean = m.iter().sum::<f32>() / n_text as f32;
+    let raters: Vec<usize> = (0..n_text).filter(|&j| m[j] > mean).collect();
+    if raters.is_empty() {
+        (0..n_text).collect()
+    } else {
+        raters
+    }
 }
 
 /// DART's pivots per side (image and text) when a stage does not name them: the paper's 4 + 4.

@@ -9,7 +9,9 @@ use tokenfold_model::config::{ModelConfig, Shape};
 use tokenfold_model::{Inputs, KvCache, NativeModel, NoHook};
 
 use crate::budget::{Geometry, STANDARD_BUDGETS, fit};
-use crate::hook::{FoldHook, dart, prumerge_plus, sparsevlm_recycle, tome_to, visionzip};
+use crate::hook::{
+    FoldHook, dart, prumerge_plus, sparsevlm_raters, sparsevlm_recycle, tome_to, visionzip,
+};
 use crate::ops::{self, Assignment, Matrix};
 use crate::plan::{Method, Plan, Stage};
 use crate::signals::{HeadReduce, QueriesKeys, RowLayout};
@@ -319,6 +321,64 @@ fn sparsevlm_recycling_stays_within_the_kept_count() {
         recycled.iter().all(|&i| (22..32).contains(&i)),
         "{recycled:?}"
     );
+}
+
+/// SparseVLM's raters computed directly in f64: m_j = mean over visual rows of softmax_j(v · t_j).
+fn raters_in_f64(visual: &Matrix, text: &Matrix) -> Vec<usize> {
+    let mut m = vec![0f64; text.rows];
+    for v in 0..visual.rows {
+        let logits: Vec<f64> = (0..text.rows)
+            .map(|j| {
+                (0..visual.cols)
+                    .map(|c| visual.row(v)[c] as f64 * text.row(j)[c] as f64)
+                    .sum()
+            })
+            .collect();
+        let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let total: f64 = logits.iter().map(|l| (l - max).exp()).sum();
+        for (acc, l) in m.iter_mut().zip(&logits) {
+            *acc += (l - max).exp() / total / visual.rows as f64;
+        }
+    }
+    let mean = m.iter().sum::<f64>() / m.len() as f64;
+    let raters: Vec<usize> = (0..m.len()).filter(|&j| m[j] > mean).collect();
+    if raters.is_empty() {
+        (0..m.len()).collect()
+    } else {
+        raters
+    }
+}
+
+#[test]
+fn sparsevlm_raters_are_the_text_tokens_the_image_attends_to_above_the_mean() {
+    // Every image row points along the first axis: the text rows along it are attended to most.
+    let visual = Matrix::new(3, 3, vec![2.0, 0.1, 0.0, 1.5, -0.2, 0.3, 2.5, 0.0, -0.1]);
+    let text = Matrix::new(
+        4,
+        3,
+        vec![1.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.9, 0.1, 0.0],
+    );
+    let chosen = sparsevlm_raters(|i| visual.row(i), 3, |j| text.row(j), 4);
+    assert_eq!(chosen, vec![0, 3]);
+    assert_eq!(chosen, raters_in_f64(&visual, &text));
+    // Identical text rows: none is above the mean, so all of them rate.
+    let same = Matrix::new(3, 3, [0.5f32, -0.5, 1.0].repeat(3));
+    assert_eq!(
+        sparsevlm_raters(|i| visual.row(i), 3, |j| same.row(j), 3),
+        vec![0, 1, 2]
+    );
+    // Random rows of an odd width (the dot product's tail), against the f64 computation.
+    for seed in 0..20 {
+        let (visual, text) = (
+            random_matrix(64, 37, seed),
+            random_matrix(9, 37, seed + 100),
+        );
+        assert_eq!(
+            sparsevlm_raters(|i| visual.row(i), 64, |j| text.row(j), 9),
+            raters_in_f64(&visual, &text),
+            "seed {seed}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------- signals
