@@ -34,8 +34,9 @@ pub enum BenchCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Prefill latency of a trained model at batch 1 and 16 (or the sizes given), full and with a reduction plan, and the share
-    /// of the plan's prefill spent in reduction (signals and operators).
+    /// Prefill latency of a trained model at batch 1 and 16 (or the sizes given), full and with a
+    /// reduction plan: the speed-up, the one its FLOPs predict, the one its matmuls alone reach on this
+    /// machine, and the share of the plan's prefill spent in reduction (signals and operators).
     #[command(
         after_help = "Example:\n  tokenfold bench prefill --model runs/nmm-s --plan fastv.json --out results/bench-prefill.json"
     )]
@@ -125,7 +126,7 @@ fn bench_prefill(
         plan.name
     );
     println!(
-        "| batch | full ms | plan ms | speed-up | FLOPs-predicted speed-up | measured / predicted | predicted if padded | measured / padded | reduction ms | reduction share |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| batch | full ms | plan ms | speed-up | FLOPs-predicted speed-up | measured / predicted | matmul-bound speed-up | matmul-bound / predicted | predicted if padded | measured / padded | reduction ms | reduction share |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     let mut rows = Vec::new();
     for &batch in batches {
@@ -139,13 +140,15 @@ fn bench_prefill(
             repeats,
         )?;
         println!(
-            "| {} | {:.2} | {:.2} | {:.2}× | {:.2}× | {:.2} | {:.2}× | {:.2} | {:.2} | {:.1}% |",
+            "| {} | {:.2} | {:.2} | {:.2}× | {:.2}× | {:.2} | {:.2}× | {:.2} | {:.2}× | {:.2} | {:.2} | {:.1}% |",
             l.batch,
             l.full_ms,
             l.plan_ms,
             l.speedup(),
             l.predicted_speedup,
             l.speedup_efficiency(),
+            l.matmul_bound_speedup,
+            l.matmul_bound_efficiency(),
             l.predicted_speedup_padded,
             l.speedup() / l.predicted_speedup_padded.max(1e-9),
             l.overhead_ms,
@@ -154,6 +157,8 @@ fn bench_prefill(
         rows.push(json!({"batch": l.batch, "full_ms": l.full_ms, "plan_ms": l.plan_ms,
             "speedup": l.speedup(), "predicted_speedup": l.predicted_speedup,
             "speedup_efficiency": l.speedup_efficiency(),
+            "matmul_bound_speedup": l.matmul_bound_speedup,
+            "matmul_bound_efficiency": l.matmul_bound_efficiency(),
             "predicted_speedup_padded": l.predicted_speedup_padded, "reduction_ms": l.overhead_ms,
             "reduction_share": l.overhead_share(), "lengths": l.lengths, "image_starts": l.image_starts}));
     }

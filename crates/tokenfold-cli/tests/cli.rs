@@ -407,6 +407,12 @@ fn train_eval_and_ask_run_end_to_end() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(figures()["rows"].as_array().unwrap().len(), 2);
     assert!(figures()["rows"][1]["full_ms"].as_f64().unwrap() > 0.0);
+    assert!(
+        figures()["rows"][1]["matmul_bound_speedup"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
     // Chosen batch sizes, and a size of zero refused by name.
     let out = bench_prefill(&["--batch", "3"]);
     assert!(out.status.success(), "{}", text(&out.stderr));

@@ -1043,13 +1043,31 @@ pub fn dart(normed: &Matrix, l1: &[f32], n: usize, pivots: usize, target: usize)
     let extra = remaining % all_pivots.len().max(1);
     for (p_index, &p) in all_pivots.iter().enumerate() {
         let want = per + usize::from(p_index < extra);
-        let mut by_similarity: Vec<(usize, f32)> =
-            candidates.iter().map(|&c| (c, m.dot(p, c))).collect();
-        by_similarity.sort_by(|a, b| {
+        // A NaN similarity (from a NaN hidden state) counts as the most similar, which keeps the
+        // comparison below a total order.
+        let mut by_similarity: Vec<(usize, f32)> = candidates
+            .iter()
+            .map(|&c| {
+                let similarity = m.dot(p, c);
+                (
+                    c,
+                    if similarity.is_nan() {
+                        f32::INFINITY
+                    } else {
+                        similarity
+                    },
+                )
+            })
+            .collect();
+        // Only the `want` least similar are needed, in no particular order: a selection, not a sort.
+        let least_similar = |a: &(usize, f32), b: &(usize, f32)| {
             a.1.partial_cmp(&b.1)
                 .unwrap_or(std::cmp::Ordering::Equal)
                 .then(a.0.cmp(&b.0))
-        });
+        };
+        if want < by_similarity.len() {
+            by_similarity.select_nth_unstable_by(want, least_similar);
+        }
         let chosen: Vec<usize> = by_similarity.iter().take(want).map(|&(c, _)| c).collect();
         candidates.retain(|c| !chosen.contains(c));
         kept.extend(chosen);

@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 use tokenfold_data::sequence::{SequenceConfig, encode_prompt};
 use tokenfold_data::{Assets, EvalSpec, Task, TextTokenizer};
@@ -46,6 +47,11 @@ pub struct Latency {
     /// model packs its rows instead (`NativeModel::forward`), and computes no padding.
     #[serde(default)]
     pub predicted_speedup_padded: f64,
+    /// The speed-up of the decoder's projection matmuls alone, timed at the rows the full and the planned
+    /// prefill compute in each layer ([`matmul_bound_speedup`]): what an implementation whose only cost
+    /// was these matmuls would measure on this machine.
+    #[serde(default)]
+    pub matmul_bound_speedup: f64,
     /// The prompts' lengths and image spans (what a reference implementation needs to time the same
     /// prefill).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -64,6 +70,11 @@ impl Latency {
     }
     pub fn overhead_share(&self) -> f64 {
         self.overhead_ms / self.plan_ms.max(1e-9)
+    }
+    /// The matmul-bound speed-up as a share of the one the FLOPs predict: the best `speedup_efficiency`
+    /// these matmuls allow.
+    pub fn matmul_bound_efficiency(&self) -> f64 {
+        self.matmul_bound_speedup / self.predicted_speedup.max(1e-9)
     }
 }
 
@@ -196,6 +207,19 @@ pub fn measure_latency(
     );
     let computed: Vec<f64> = trace.computed_rows.iter().map(|&t| t as f64).collect();
     let plan_computed = prefill_flops(&model.config, &computed, &trace.computed_rows_sq);
+    // The rows each layer computes: the real ones when the model packs them, else padded batches.
+    let (full_rows, plan_rows): (Vec<usize>, Vec<usize>) = if model.packs_rows() {
+        (
+            vec![trace.prompt_tokens as usize; layers],
+            trace.entering_all.iter().map(|&t| t as usize).collect(),
+        )
+    } else {
+        (
+            vec![padded; layers],
+            trace.computed_rows.iter().map(|&t| t as usize).collect(),
+        )
+    };
+    let matmul_bound = matmul_bound_speedup(model, &full_rows, &plan_rows, repeats)?;
     Ok(Latency {
         batch: prompts.len(),
         full_ms,
@@ -203,9 +227,66 @@ pub fn measure_latency(
         overhead_ms,
         predicted_speedup: full_flops / plan_flops.max(1e-9),
         predicted_speedup_padded: full_computed / plan_computed.max(1e-9),
+        matmul_bound_speedup: matmul_bound,
         lengths: inputs.lengths.clone(),
         image_starts: inputs.image_starts.clone(),
     })
+}
+
+/// The speed-up of the decoder's four projection matmuls per layer alone — q/k/v stacked (d × 3d), output
+/// (d × d), gate and up stacked (d × 2·d_ff), down (d_ff × d), as an inference pass runs them — with
+/// `full_rows[ℓ]` rows entering layer ℓ against `plan_rows[ℓ]`. Each layer has its own random f32
+/// weights, so that the matmuls read as many weight bytes as the model's. The two passes alternate, and
+/// the fastest of `repeats` each is kept. Small row counts run a matmul further from the machine's peak
+/// (every weight is read whatever the rows), which the FLOPs do not see: this is the speed-up a prefill
+/// made of nothing but these matmuls would measure.
+pub fn matmul_bound_speedup(
+    model: &NativeModel,
+    full_rows: &[usize],
+    plan_rows: &[usize],
+    repeats: usize,
+) -> Result<f64> {
+    let (d, ff) = (model.config.d_model, model.config.d_ff);
+    let device = model.device();
+    let shapes = [(d, 3 * d), (d, d), (d, 2 * ff), (ff, d)];
+    let weights = (0..full_rows.len().max(plan_rows.len()))
+        .map(|_| {
+            shapes
+                .iter()
+                .map(|&(i, o)| Tensor::randn(0f32, 1.0, (i, o), device))
+                .collect::<candle_core::Result<Vec<_>>>()
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let inputs = |rows: &[usize]| -> candle_core::Result<Vec<[Tensor; 2]>> {
+        rows.iter()
+            .map(|&r| {
+                Ok([
+                    Tensor::ones((r, d), DType::F32, device)?,
+                    Tensor::ones((r, ff), DType::F32, device)?,
+                ])
+            })
+            .collect()
+    };
+    let (full_inputs, plan_inputs) = (inputs(full_rows)?, inputs(plan_rows)?);
+    let pass = |inputs: &[[Tensor; 2]]| -> candle_core::Result<f64> {
+        let started = Instant::now();
+        for ([x_d, x_ff], layer) in inputs.iter().zip(&weights) {
+            for (w, x) in layer.iter().zip([x_d, x_d, x_d, x_ff]) {
+                if x.dim(0)? > 0 {
+                    x.matmul(w)?;
+                }
+            }
+        }
+        Ok(started.elapsed().as_secs_f64())
+    };
+    pass(&full_inputs)?;
+    pass(&plan_inputs)?;
+    let (mut full, mut plan) = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..repeats.max(1) {
+        full = full.min(pass(&full_inputs)?);
+        plan = plan.min(pass(&plan_inputs)?);
+    }
+    Ok(full / plan.max(1e-12))
 }
 
 /// The comparison table: one row per plan, per-set accuracy, the average, the average relative to the
