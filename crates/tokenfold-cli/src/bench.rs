@@ -35,8 +35,8 @@ pub enum BenchCommand {
         out: Option<PathBuf>,
     },
     /// Prefill latency of a trained model at batch 1 and 16 (or the sizes given), full and with a
-    /// reduction plan: the speed-up, the one its FLOPs predict, the one its matmuls alone reach on this
-    /// machine, and the share of the plan's prefill spent in reduction (signals and operators).
+    /// reduction plan: the speed-up, the one its FLOPs predict, the one its projection matmuls alone
+    /// reach on this machine, and the share of the plan's prefill spent in reduction.
     #[command(
         after_help = "Example:\n  tokenfold bench prefill --model runs/nmm-s --plan fastv.json --out results/bench-prefill.json"
     )]
@@ -54,7 +54,8 @@ pub enum BenchCommand {
         #[arg(long)]
         padded: bool,
         /// Batch sizes to time, comma-separated.
-        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 16])]
+        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 16],
+            value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
         batch: Vec<usize>,
         /// Also write the figures as JSON here.
         #[arg(long)]
@@ -97,9 +98,6 @@ fn bench_prefill(
     batches: &[usize],
     out: Option<PathBuf>,
 ) -> Result<()> {
-    if let Some(bad) = batches.iter().find(|&&b| b == 0) {
-        anyhow::bail!("--batch: a batch size must be at least 1, got {bad}");
-    }
     let device = tokenfold_model::train::default_device()?;
     let (mut model, tokenizer, config) =
         tokenfold_model::train::RunDir::new(model_dir).load(&device)?;
@@ -126,7 +124,7 @@ fn bench_prefill(
         plan.name
     );
     println!(
-        "| batch | full ms | plan ms | speed-up | FLOPs-predicted speed-up | measured / predicted | matmul-bound speed-up | matmul-bound / predicted | predicted if padded | measured / padded | reduction ms | reduction share |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| batch | full ms | plan ms | speed-up | FLOPs-predicted speed-up | measured / predicted | plan's matmuls ms | matmul speed-up | row ratio | predicted if padded | measured / padded | reduction ms | reduction share |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     let mut rows = Vec::new();
     for &batch in batches {
@@ -139,16 +137,27 @@ fn bench_prefill(
             batch,
             repeats,
         )?;
+        // The projection matmuls alone at the same rows, and the speed-up they keep of the row ratio.
+        let matmuls =
+            tokenfold_fold::report::matmul_ms(&model, &l.full_rows, &l.plan_rows, repeats)?;
+        let (plan_matmuls, matmul_speedup) = match matmuls {
+            Some((full, plan)) => (
+                format!("{plan:.2}"),
+                format!("{:.2}×", full / plan.max(1e-9)),
+            ),
+            None => ("–".into(), "– (experts)".into()),
+        };
         println!(
-            "| {} | {:.2} | {:.2} | {:.2}× | {:.2}× | {:.2} | {:.2}× | {:.2} | {:.2}× | {:.2} | {:.2} | {:.1}% |",
+            "| {} | {:.2} | {:.2} | {:.2}× | {:.2}× | {:.2} | {} | {} | {:.2}× | {:.2}× | {:.2} | {:.2} | {:.1}% |",
             l.batch,
             l.full_ms,
             l.plan_ms,
             l.speedup(),
             l.predicted_speedup,
             l.speedup_efficiency(),
-            l.matmul_bound_speedup,
-            l.matmul_bound_efficiency(),
+            plan_matmuls,
+            matmul_speedup,
+            l.row_ratio(),
             l.predicted_speedup_padded,
             l.speedup() / l.predicted_speedup_padded.max(1e-9),
             l.overhead_ms,
@@ -157,8 +166,8 @@ fn bench_prefill(
         rows.push(json!({"batch": l.batch, "full_ms": l.full_ms, "plan_ms": l.plan_ms,
             "speedup": l.speedup(), "predicted_speedup": l.predicted_speedup,
             "speedup_efficiency": l.speedup_efficiency(),
-            "matmul_bound_speedup": l.matmul_bound_speedup,
-            "matmul_bound_efficiency": l.matmul_bound_efficiency(),
+            "matmul_full_ms": matmuls.map(|m| m.0), "matmul_plan_ms": matmuls.map(|m| m.1),
+            "row_ratio": l.row_ratio(), "full_rows": l.full_rows, "plan_rows": l.plan_rows,
             "predicted_speedup_padded": l.predicted_speedup_padded, "reduction_ms": l.overhead_ms,
             "reduction_share": l.overhead_share(), "lengths": l.lengths, "image_starts": l.image_starts}));
     }

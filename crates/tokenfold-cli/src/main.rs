@@ -28,16 +28,18 @@ fn keep_freed_memory() {
     }
 }
 
-/// Makes the main thread one of the global rayon pool's workers, as many in all as candle uses for a
-/// matmul. Called from outside the pool, every parallel operation hands its work to the pool's threads and
-/// puts the main thread to sleep until they finish: two context switches per operation, which a prefill
-/// of a few tokens runs hundreds of times. As a worker, the main thread takes its share of each operation
-/// itself (measured: FastV's batch-1 planned prefill of nmm-s 5.5–7.7 → 3.7–4.8 ms, a training step of
-/// configs/bench.toml 1,115–1,226 → 921–1,120 ms).
+/// Makes the main thread one of the workers of rayon's global pool, which keeps its usual size
+/// (`RAYON_NUM_THREADS`, else the cores available). Called from outside the pool, every parallel
+/// operation of gemm and of our kernels handed its work to the pool's threads and put the main thread to
+/// sleep until they finished: two context switches per operation, and a prefill of a few tokens runs
+/// hundreds of operations (measured: FastV's batch-1 planned prefill of nmm-s, 5.5–7.7 → 3.7–4.8 ms).
+/// As a worker, the main thread takes its own share of each operation.
+///
+/// The main thread only runs pool work while it is inside a parallel operation. So no other thread may
+/// submit rayon work and have the main thread wait for it: with one thread in all, nothing would ever
+/// run it. The data loader's threads therefore never use rayon (see `tokenfold_data::loader`).
 fn join_the_thread_pool() {
-    let threads = candle_core::utils::get_num_threads();
     if let Err(error) = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
         .use_current_thread()
         .build_global()
     {

@@ -5,6 +5,10 @@
 //! generated with [`sample_rng`] — so the stream is the same whatever the number of workers, and a run
 //! resumes exactly from a batch position. Workers produce whole batches in turn (worker w makes batches
 //! w, w + W, …) into bounded channels; the consumer reads them round-robin, in order.
+//!
+//! Workers are plain threads, and what they run must never use rayon: the `tokenfold` binary's main
+//! thread is a worker of rayon's pool (and, with one thread, all of it) while it waits on these
+//! channels, so rayon work submitted by a loader thread could wait forever.
 
 use std::str::FromStr;
 use std::sync::Arc;

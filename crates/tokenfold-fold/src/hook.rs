@@ -1079,12 +1079,15 @@ pub fn dart(normed: &Matrix, l1: &[f32], n: usize, pivots: usize, target: usize)
 /// Indices of the `k` largest values, largest first.
 fn top_desc(values: &[f32], k: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..values.len()).collect();
-    order.sort_by(|&a, &b| {
-        values[b]
-            .partial_cmp(&values[a])
-            .unwrap_or(std::cmp::Ordering::Equal)
-            .then(a.cmp(&b))
-    });
+    // A NaN value (from a NaN hidden state) counts as the smallest, so that the order stays total.
+    let value = |i: usize| {
+        if values[i].is_nan() {
+            f32::NEG_INFINITY
+        } else {
+            values[i]
+        }
+    };
+    order.sort_by(|&a, &b| value(b).total_cmp(&value(a)).then(a.cmp(&b)));
     order.truncate(k);
     order
 }

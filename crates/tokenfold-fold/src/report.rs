@@ -37,7 +37,8 @@ pub struct Latency {
     pub batch: usize,
     pub full_ms: f64,
     pub plan_ms: f64,
-    /// Time in signals and operators per plan prefill.
+    /// Time in reduction per plan prefill: signals, operators, and the layer-0 bookkeeping every plan
+    /// needs (see [`Trace::overhead`]).
     pub overhead_ms: f64,
     /// The speed-up the decoder's analytical prefill FLOPs predict for this batch: full over planned.
     #[serde(default)]
@@ -47,11 +48,12 @@ pub struct Latency {
     /// model packs its rows instead (`NativeModel::forward`), and computes no padding.
     #[serde(default)]
     pub predicted_speedup_padded: f64,
-    /// The speed-up of the decoder's projection matmuls alone, timed at the rows the full and the planned
-    /// prefill compute in each layer ([`matmul_bound_speedup`]): what an implementation whose only cost
-    /// was these matmuls would measure on this machine.
-    #[serde(default)]
-    pub matmul_bound_speedup: f64,
+    /// The rows each decoder layer computes in the full and in the planned prefill (real rows when the
+    /// model packs them, padded batches otherwise): what [`matmul_ms`] times.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub full_rows: Vec<usize>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub plan_rows: Vec<usize>,
     /// The prompts' lengths and image spans (what a reference implementation needs to time the same
     /// prefill).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -71,10 +73,11 @@ impl Latency {
     pub fn overhead_share(&self) -> f64 {
         self.overhead_ms / self.plan_ms.max(1e-9)
     }
-    /// The matmul-bound speed-up as a share of the one the FLOPs predict: the best `speedup_efficiency`
-    /// these matmuls allow.
-    pub fn matmul_bound_efficiency(&self) -> f64 {
-        self.matmul_bound_speedup / self.predicted_speedup.max(1e-9)
+    /// Rows through the decoder, full over planned: the speed-up the projection matmuls' FLOPs predict
+    /// (they are proportional to the rows).
+    pub fn row_ratio(&self) -> f64 {
+        self.full_rows.iter().sum::<usize>() as f64
+            / (self.plan_rows.iter().sum::<usize>() as f64).max(1e-9)
     }
 }
 
@@ -219,7 +222,6 @@ pub fn measure_latency(
             trace.computed_rows.iter().map(|&t| t as usize).collect(),
         )
     };
-    let matmul_bound = matmul_bound_speedup(model, &full_rows, &plan_rows, repeats)?;
     Ok(Latency {
         batch: prompts.len(),
         full_ms,
@@ -227,28 +229,29 @@ pub fn measure_latency(
         overhead_ms,
         predicted_speedup: full_flops / plan_flops.max(1e-9),
         predicted_speedup_padded: full_computed / plan_computed.max(1e-9),
-        matmul_bound_speedup: matmul_bound,
+        full_rows,
+        plan_rows,
         lengths: inputs.lengths.clone(),
         image_starts: inputs.image_starts.clone(),
     })
 }
 
-/// The speed-up of the decoder's four projection matmuls per layer alone — q/k/v stacked (d × 3d), output
-/// (d × d), gate and up stacked (d × 2·d_ff), down (d_ff × d), as an inference pass runs them — with
-/// `full_rows[ℓ]` rows entering layer ℓ against `plan_rows[ℓ]`. Each layer has its own random f32
-/// weights, so that the matmuls read as many weight bytes as the model's. The two passes alternate, and
-/// the fastest of `repeats` each is kept. Small row counts run a matmul further from the machine's peak
-/// (every weight is read whatever the rows), which the FLOPs do not see: this is the speed-up a prefill
-/// made of nothing but these matmuls would measure.
-pub fn matmul_bound_speedup(
+/// The time (ms) of the decoder's projection matmuls alone ([`NativeModel::projection_shapes`]) with
+/// `full_rows[ℓ]` rows entering layer ℓ, and with `plan_rows[ℓ]`: the fastest of `repeats` passes each,
+/// alternating. Each layer has its own random f32 weights, so that the matmuls read as many weight bytes
+/// as the model's. A matmul over few rows runs further from the machine's peak than one over many
+/// (every weight is read whatever the rows), which the FLOPs do not see; the two times show how much of
+/// the speed-up the rows predict the matmuls themselves keep. `None` for a mixture-of-experts model.
+pub fn matmul_ms(
     model: &NativeModel,
     full_rows: &[usize],
     plan_rows: &[usize],
     repeats: usize,
-) -> Result<f64> {
-    let (d, ff) = (model.config.d_model, model.config.d_ff);
+) -> Result<Option<(f64, f64)>> {
+    let Some(shapes) = model.projection_shapes() else {
+        return Ok(None);
+    };
     let device = model.device();
-    let shapes = [(d, 3 * d), (d, d), (d, 2 * ff), (ff, d)];
     let weights = (0..full_rows.len().max(plan_rows.len()))
         .map(|_| {
             shapes
@@ -257,27 +260,28 @@ pub fn matmul_bound_speedup(
                 .collect::<candle_core::Result<Vec<_>>>()
         })
         .collect::<candle_core::Result<Vec<_>>>()?;
-    let inputs = |rows: &[usize]| -> candle_core::Result<Vec<[Tensor; 2]>> {
+    // Per layer, the input of each projection: (rows, in).
+    let inputs = |rows: &[usize]| -> candle_core::Result<Vec<Vec<Tensor>>> {
         rows.iter()
             .map(|&r| {
-                Ok([
-                    Tensor::ones((r, d), DType::F32, device)?,
-                    Tensor::ones((r, ff), DType::F32, device)?,
-                ])
+                shapes
+                    .iter()
+                    .map(|&(i, _)| Tensor::ones((r, i), DType::F32, device))
+                    .collect()
             })
             .collect()
     };
     let (full_inputs, plan_inputs) = (inputs(full_rows)?, inputs(plan_rows)?);
-    let pass = |inputs: &[[Tensor; 2]]| -> candle_core::Result<f64> {
+    let pass = |inputs: &[Vec<Tensor>]| -> candle_core::Result<f64> {
         let started = Instant::now();
-        for ([x_d, x_ff], layer) in inputs.iter().zip(&weights) {
-            for (w, x) in layer.iter().zip([x_d, x_d, x_d, x_ff]) {
+        for (xs, layer) in inputs.iter().zip(&weights) {
+            for (x, w) in xs.iter().zip(layer) {
                 if x.dim(0)? > 0 {
                     x.matmul(w)?;
                 }
             }
         }
-        Ok(started.elapsed().as_secs_f64())
+        Ok(started.elapsed().as_secs_f64() * 1e3)
     };
     pass(&full_inputs)?;
     pass(&plan_inputs)?;
@@ -286,7 +290,7 @@ pub fn matmul_bound_speedup(
         full = full.min(pass(&full_inputs)?);
         plan = plan.min(pass(&plan_inputs)?);
     }
-    Ok(full / plan.max(1e-12))
+    Ok(Some((full, plan)))
 }
 
 /// The comparison table: one row per plan, per-set accuracy, the average, the average relative to the

@@ -294,6 +294,14 @@ fn dart_keeps_image_pivots_and_the_least_duplicated_tokens() {
     let l1 = [9.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 2.0];
     let a = dart(&m, &l1, 6, 1, 3);
     assert_eq!(a.representative, vec![0, 3, 5]);
+    // A NaN hidden state (and so a NaN key norm) still gives the kept count, never a panic: its
+    // similarities count as the largest, so it is not kept for being unlike a pivot.
+    let mut with_nan = m.data.clone();
+    with_nan[2..4].fill(f32::NAN);
+    let l1_nan = [9.0, f32::NAN, 1.0, 1.0, 1.0, 1.0, 1.0, 2.0];
+    let a = dart(&Matrix::new(8, 2, with_nan), &l1_nan, 6, 1, 3);
+    assert_eq!(a.representative.len(), 3);
+    assert!(!a.representative.contains(&1), "{:?}", a.representative);
 }
 
 #[test]
@@ -367,6 +375,12 @@ fn sparsevlm_raters_are_the_text_tokens_the_image_attends_to_above_the_mean() {
         sparsevlm_raters(|i| visual.row(i), 3, |j| same.row(j), 3),
         vec![0, 1, 2]
     );
+    // No image rows: every text row rates; no text rows: none.
+    assert_eq!(
+        sparsevlm_raters(|i| visual.row(i), 0, |j| text.row(j), 4),
+        vec![0, 1, 2, 3]
+    );
+    assert!(sparsevlm_raters(|i| visual.row(i), 3, |j| text.row(j), 0).is_empty());
     // Random rows of an odd width (the dot product's tail), against the f64 computation.
     for seed in 0..20 {
         let (visual, text) = (

@@ -1131,10 +1131,11 @@ impl NativeModel {
         &self.device
     }
 
-    /// Whether inference passes over padded batches pack their rows: on by default, off where the
+    /// Whether inference passes over padded batches pack their rows: on by default for a frozen model
+    /// (one loaded for inference, see [`Self::frozen`]), off for a model with variables, or where the
     /// environment sets `TOKENFOLD_PACKED=0` or the fused kernels are off (`TOKENFOLD_PLAIN_OPS`).
     pub fn packs_rows(&self) -> bool {
-        self.pack_rows && crate::kernels::fused_enabled()
+        self.pack_rows && self.frozen_weights.is_some() && crate::kernels::fused_enabled()
     }
 
     /// Turns row packing on or off, e.g. to compare the two layouts.
@@ -1415,6 +1416,17 @@ impl NativeModel {
 
     pub fn n_layers(&self) -> usize {
         self.blocks.len()
+    }
+
+    /// The (in, out) sizes of the four projection matmuls an inference pass runs per decoder layer, in
+    /// order: q, k and v stacked, the attention output, gate and up stacked, down. `None` when the
+    /// layers' feed-forward is a mixture of experts, whose matmuls depend on the routing.
+    pub fn projection_shapes(&self) -> Option<[(usize, usize); 4]> {
+        let (d, ff) = (self.config.d_model, self.config.d_ff);
+        self.config
+            .moe
+            .is_none()
+            .then_some([(d, 3 * d), (d, d), (d, 2 * ff), (ff, d)])
     }
 
     /// Queries and keys (b, h, t, hd) that layer `layer` computes from `state` (before attention): what

@@ -1930,6 +1930,10 @@ fn a_packed_forward_equals_the_padded_one_through_prefill_capture_and_decoding()
     ];
     for (name, config) in configs {
         let trainable = NativeModel::new(config, 12, &Device::Cpu).unwrap();
+        assert!(
+            !trainable.packs_rows(),
+            "{name}: a model with variables pads"
+        );
         let mut packed = trainable.frozen().unwrap();
         packed.prepare_inference().unwrap();
         assert!(packed.packs_rows());
