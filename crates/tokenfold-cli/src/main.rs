@@ -124,7 +124,22 @@ enum Command {
     Demo(demo::DemoArgs),
 }
 
+/// Leaves candle's own thread pool without workers, so that every parallel operation runs on rayon's pool.
+/// candle 0.11 runs its large elementwise operations (64 Ki elements and more) on a second pool of its
+/// own, whose threads wake, spin and park apart from rayon's. With rayon's threads kept awake through a
+/// pass ([`tokenfold_model::awake`]), one of candle's threads woken on a busy core waited for the
+/// scheduler: a 1 MB broadcast addition in the batch-16 prefill took 1.1–1.5 ms instead of 0.1 ms.
+/// Without workers, candle runs those operations on the calling thread. A value the user set is kept.
+fn one_thread_pool() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // SAFETY: called first thing in `main`, before any other thread exists, so nothing can read the
+        // environment concurrently.
+        unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
+    }
+}
+
 fn main() -> ExitCode {
+    one_thread_pool();
     keep_freed_memory();
     join_the_thread_pool();
     let cli = Cli::parse();

@@ -12,11 +12,11 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use candle_core::{Result, Tensor};
+use candle_core::{D, DType, Result, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
-use tokenfold_model::{LayerHook, NativeModel, SeqState};
+use tokenfold_model::{LayerHook, NativeModel, SeqState, kernels};
 
 use crate::ops::{self, Assignment, Matrix};
 use crate::plan::{Method, Plan, Stage};
@@ -179,12 +179,15 @@ impl<'a> FoldHook<'a> {
             let start = image_start.unwrap_or(0);
             self.sizes
                 .push(image.iter().map(|&p| (p - start, 1.0)).collect());
-            self.members.push(
+            // Only drawings read which patches a token stands for.
+            self.members.push(if self.record_groups {
                 image
                     .iter()
                     .map(|&p| (p - start, vec![p - start]))
-                    .collect(),
-            );
+                    .collect()
+            } else {
+                HashMap::new()
+            });
             self.layouts.push(SampleLayout {
                 image_start,
                 n0,
@@ -291,8 +294,8 @@ impl<'a> FoldHook<'a> {
         }
     }
 
-    /// Runs one stage on every sample, then rebuilds the batch with one batched matmul: each new row is a
-    /// mix of old rows (one-hot for kept and text tokens, size-weighted for merged ones).
+    /// Runs one stage on every sample, then rebuilds the batch ([`Self::rebuild`]): each new row is a mix
+    /// of old rows (one-hot for kept and text tokens, size-weighted for merged ones).
     fn run_stage(&mut self, stage: &Stage, state: &mut SeqState) -> Result<()> {
         let layer = stage.layer;
         let needs_qk = match (&stage.operator, stage.method) {
@@ -331,141 +334,162 @@ impl<'a> FoldHook<'a> {
         } else {
             None
         };
-        let (b, t) = (state.batch(), state.len());
+        let b = state.batch();
         let key_bias = host_key_bias(state)?;
-        // The samples' assignments are independent, so they are found in parallel; applying them updates
-        // the hook's per-sample state, in order.
-        let assignments: Vec<Option<Assignment>> = (0..b)
+        // Samples are independent: each one's assignment and new rows are found in parallel, then the
+        // hook's per-sample state is updated in order.
+        let outcomes: Vec<SampleOutcome> = (0..b)
             .into_par_iter()
             .map(|s| {
                 let (layout, visual) = sample_view(state, key_bias.as_deref(), s);
                 let n = visual.len();
                 let target = stage.kept_count(n, self.layouts[s].n0, self.grid());
-                if n == 0 || (n <= target && stage.method != Method::Pool) {
-                    return Ok(None);
-                }
                 let positions: Vec<u32> = visual.iter().map(|&j| layout.positions[j]).collect();
-                let inputs = StageInputs {
-                    s,
-                    qk: qk.as_ref(),
-                    normed: normed.as_deref().map(|n| sample_rows(n, state, s)),
-                    layout: &layout,
-                    visual: &visual,
+                let assignment = if n == 0 || (n <= target && stage.method != Method::Pool) {
+                    None
+                } else {
+                    let inputs = StageInputs {
+                        s,
+                        qk: qk.as_ref(),
+                        normed: normed.as_deref().map(|n| sample_rows(n, state, s)),
+                        layout: &layout,
+                        visual: &visual,
+                    };
+                    Some(self.assign(stage, &inputs, target)?.sorted_by(&positions))
                 };
-                Ok(Some(
-                    self.assign(stage, &inputs, target)?.sorted_by(&positions),
-                ))
+                self.new_rows(s, &layout, &visual, &positions, assignment)
             })
             .collect::<Result<_>>()?;
         let mut samples: Vec<Vec<NewRow>> = Vec::with_capacity(b);
         let mut stage_groups: Vec<Vec<Vec<u32>>> = Vec::with_capacity(b);
-        for (s, assignment) in assignments.into_iter().enumerate() {
-            let (layout, visual) = sample_view(state, key_bias.as_deref(), s);
-            let mut new_rows: Vec<NewRow> = (0..t)
-                .filter(|&j| layout.valid[j] && !layout.is_image[j])
-                .map(|j| NewRow::copy(j, layout.positions[j], false, 1.0, 0.0))
-                .collect();
-            let sample = &self.layouts[s];
-            let start = sample.image_start.unwrap_or(0);
-            let positions: Vec<u32> = visual.iter().map(|&j| layout.positions[j]).collect();
-            let size_of = |p: u32| self.sizes[s].get(&(p - start)).copied().unwrap_or(1.0);
-            let boost_of = |p: u32| self.boosts[s].get(&(p - start)).copied().unwrap_or(0.0);
-            let Some(assignment) = assignment else {
-                new_rows.extend(
-                    visual
-                        .iter()
-                        .zip(&positions)
-                        .map(|(&j, &p)| NewRow::copy(j, p, true, size_of(p), boost_of(p))),
-                );
-                if self.record_groups {
-                    stage_groups.push(
-                        positions
-                            .iter()
-                            .map(|p| {
-                                self.members[s]
-                                    .get(&(p - start))
-                                    .cloned()
-                                    .unwrap_or_default()
-                            })
-                            .collect(),
-                    );
-                }
-                new_rows.sort_by_key(|r| r.position);
-                samples.push(new_rows);
-                continue;
-            };
-            let sizes_in: Vec<f32> = positions.iter().map(|&p| size_of(p)).collect();
-            let (mixing, sizes_new) = assignment.mixing(&sizes_in)?;
-            let new_positions: Vec<u32> = assignment
-                .representative
-                .iter()
-                .map(|&r| positions[r])
-                .collect();
-            let boosts_new: Vec<f32> = new_positions
-                .iter()
-                .enumerate()
-                .map(|(j, &p)| boost_of(p) + assignment.boost.get(j).copied().unwrap_or(0.0))
-                .collect();
-            for (((mix, &p), &size), &boost) in mixing
-                .iter()
-                .zip(&new_positions)
-                .zip(&sizes_new)
-                .zip(&boosts_new)
-            {
-                new_rows.push(NewRow {
-                    position: p,
-                    is_image: true,
-                    size,
-                    boost,
-                    mix: mix.iter().map(|&(i, m)| (visual[i], m)).collect(),
-                });
+        for (s, outcome) in outcomes.into_iter().enumerate() {
+            samples.push(outcome.rows);
+            if let Some((sizes, boosts)) = outcome.sizes_and_boosts {
+                self.sizes[s] = sizes;
+                self.boosts[s] = boosts;
             }
-            if self.record_groups {
-                let groups: Vec<Vec<u32>> = assignment
-                    .rows
-                    .iter()
-                    .zip(&assignment.representative)
-                    .map(|(row, &rep)| {
-                        let mut patches = self.members[s]
-                            .get(&(positions[rep] - start))
-                            .cloned()
-                            .unwrap_or_default();
-                        for &(i, _) in row.iter().filter(|(i, _)| *i != rep) {
-                            patches.extend(
-                                self.members[s]
-                                    .get(&(positions[i] - start))
-                                    .cloned()
-                                    .unwrap_or_default(),
-                            );
-                        }
-                        patches
-                    })
-                    .collect();
-                self.members[s] = groups
-                    .iter()
-                    .zip(&new_positions)
-                    .map(|(g, &p)| (p - start, g.clone()))
-                    .collect();
+            if let Some(groups) = outcome.groups {
+                if let Some(members) = outcome.members {
+                    self.members[s] = members;
+                }
                 stage_groups.push(groups);
             }
-            self.sizes[s] = new_positions
-                .iter()
-                .zip(&sizes_new)
-                .map(|(&p, &size)| (p - start, size))
-                .collect();
-            self.boosts[s] = new_positions
-                .iter()
-                .zip(&boosts_new)
-                .filter(|(_, b)| **b != 0.0)
-                .map(|(&p, &b)| (p - start, b))
-                .collect();
-            new_rows.sort_by_key(|r| r.position);
-            samples.push(new_rows);
         }
         if self.record_groups {
             self.groups.push((layer, stage_groups));
         }
         self.rebuild(state, &samples)
+    }
+
+    /// Sample `s`'s new rows after a stage, in order of position: its text rows, then its visual rows
+    /// (`visual`, at `positions`) kept as they are without an `assignment`, or the assignment's tokens with
+    /// their sizes and attention boosts; with the sizes and boosts to keep for the next stage, and, when
+    /// groups are recorded, which patches each new token stands for.
+    fn new_rows(
+        &self,
+        s: usize,
+        layout: &RowLayout,
+        visual: &[usize],
+        positions: &[u32],
+        assignment: Option<Assignment>,
+    ) -> Result<SampleOutcome> {
+        let t = layout.positions.len();
+        let mut rows: Vec<NewRow> = (0..t)
+            .filter(|&j| layout.valid[j] && !layout.is_image[j])
+            .map(|j| NewRow::copy(j, layout.positions[j], false, 1.0, 0.0))
+            .collect();
+        let start = self.layouts[s].image_start.unwrap_or(0);
+        let size_of = |p: u32| self.sizes[s].get(&(p - start)).copied().unwrap_or(1.0);
+        let boost_of = |p: u32| self.boosts[s].get(&(p - start)).copied().unwrap_or(0.0);
+        let members_of = |p: u32| {
+            self.members[s]
+                .get(&(p - start))
+                .cloned()
+                .unwrap_or_default()
+        };
+        let Some(assignment) = assignment else {
+            rows.extend(
+                visual
+                    .iter()
+                    .zip(positions)
+                    .map(|(&j, &p)| NewRow::copy(j, p, true, size_of(p), boost_of(p))),
+            );
+            rows.sort_by_key(|r| r.position);
+            return Ok(SampleOutcome {
+                rows,
+                sizes_and_boosts: None,
+                groups: self
+                    .record_groups
+                    .then(|| positions.iter().map(|&p| members_of(p)).collect()),
+                members: None,
+            });
+        };
+        let sizes_in: Vec<f32> = positions.iter().map(|&p| size_of(p)).collect();
+        let (mixing, sizes_new) = assignment.mixing(&sizes_in)?;
+        let new_positions: Vec<u32> = assignment
+            .representative
+            .iter()
+            .map(|&r| positions[r])
+            .collect();
+        let boosts_new: Vec<f32> = new_positions
+            .iter()
+            .enumerate()
+            .map(|(j, &p)| boost_of(p) + assignment.boost.get(j).copied().unwrap_or(0.0))
+            .collect();
+        for (((mix, &p), &size), &boost) in mixing
+            .iter()
+            .zip(&new_positions)
+            .zip(&sizes_new)
+            .zip(&boosts_new)
+        {
+            rows.push(NewRow {
+                position: p,
+                is_image: true,
+                size,
+                boost,
+                mix: mix.iter().map(|&(i, m)| (visual[i], m)).collect(),
+            });
+        }
+        let (groups, members) = if self.record_groups {
+            let groups: Vec<Vec<u32>> = assignment
+                .rows
+                .iter()
+                .zip(&assignment.representative)
+                .map(|(row, &rep)| {
+                    let mut patches = members_of(positions[rep]);
+                    for &(i, _) in row.iter().filter(|(i, _)| *i != rep) {
+                        patches.extend(members_of(positions[i]));
+                    }
+                    patches
+                })
+                .collect();
+            let members = groups
+                .iter()
+                .zip(&new_positions)
+                .map(|(g, &p)| (p - start, g.clone()))
+                .collect();
+            (Some(groups), Some(members))
+        } else {
+            (None, None)
+        };
+        let sizes = new_positions
+            .iter()
+            .zip(&sizes_new)
+            .map(|(&p, &size)| (p - start, size))
+            .collect();
+        let boosts = new_positions
+            .iter()
+            .zip(&boosts_new)
+            .filter(|(_, b)| **b != 0.0)
+            .map(|(&p, &b)| (p - start, b))
+            .collect();
+        rows.sort_by_key(|r| r.position);
+        Ok(SampleOutcome {
+            rows,
+            sizes_and_boosts: Some((sizes, boosts)),
+            groups,
+            members,
+        })
     }
 
     /// The flat rows (s·t + j) whose queries `stage` reads: each sample's last prompt token, summary
@@ -758,13 +782,13 @@ impl<'a> FoldHook<'a> {
         })
     }
 
-    /// Rebuilds the batch: new hidden states as one batched matmul (b, t', t)·(b, t, d), samples padded to
-    /// the longest with invalid rows.
+    /// Rebuilds the batch, samples padded to the longest with invalid rows: each new hidden row is a
+    /// weighted sum of old rows of its sample, computed by [`kernels::mix_rows`] in inference passes and
+    /// as one batched matmul (b, t', t)·(b, t, d) where gradients must flow.
     fn rebuild(&self, state: &mut SeqState, samples: &[Vec<NewRow>]) -> Result<()> {
         let t = state.len();
         let b = samples.len();
         let t_new = samples.iter().map(Vec::len).max().unwrap_or(1).max(1);
-        let mut mix = vec![0f32; b * t_new * t];
         let n = b * t_new;
         let (mut positions, mut is_image, mut valid, mut key_bias) =
             (vec![0u32; n], vec![false; n], vec![false; n], vec![0f32; n]);
@@ -772,9 +796,6 @@ impl<'a> FoldHook<'a> {
         for (s, rows) in samples.iter().enumerate() {
             for (r, row) in rows.iter().enumerate() {
                 let at = s * t_new + r;
-                for &(j, m) in &row.mix {
-                    mix[at * t + j] += m;
-                }
                 positions[at] = row.position;
                 is_image[at] = row.is_image;
                 valid[at] = true;
@@ -788,8 +809,31 @@ impl<'a> FoldHook<'a> {
             }
         }
         let device = state.hidden.device().clone();
-        let mix = Tensor::from_vec(mix, (b, t_new, t), &device)?.to_dtype(state.hidden.dtype())?;
-        state.hidden = mix.matmul(&state.hidden)?;
+        state.hidden = if mixes_on_host(&state.hidden) {
+            // Only the rows each new row needs are read: most of a dense mixing matrix is zeros.
+            let mixes: Vec<Vec<(usize, f32)>> = (0..b * t_new)
+                .map(|at| {
+                    let s = at / t_new;
+                    samples[s].get(at % t_new).map_or_else(Vec::new, |row| {
+                        row.mix.iter().map(|&(j, m)| (s * t + j, m)).collect()
+                    })
+                })
+                .collect();
+            let d = state.hidden.dim(D::Minus1)?;
+            kernels::mix_rows(&state.hidden, &mixes)?.reshape((b, t_new, d))?
+        } else {
+            let mut mix = vec![0f32; b * t_new * t];
+            for (s, rows) in samples.iter().enumerate() {
+                for (r, row) in rows.iter().enumerate() {
+                    for &(j, m) in &row.mix {
+                        mix[(s * t_new + r) * t + j] += m;
+                    }
+                }
+            }
+            let mix =
+                Tensor::from_vec(mix, (b, t_new, t), &device)?.to_dtype(state.hidden.dtype())?;
+            mix.matmul(&state.hidden)?
+        };
         state.positions = positions;
         state.is_image = is_image;
         state.valid = valid;
@@ -801,6 +845,18 @@ impl<'a> FoldHook<'a> {
         state.captured = None;
         Ok(())
     }
+}
+
+/// What a stage leaves of one sample (see [`FoldHook::new_rows`]).
+struct SampleOutcome {
+    rows: Vec<NewRow>,
+    /// The sizes and attention boosts of the sample's visual tokens, by representative patch; `None` when
+    /// the stage left the sample as it was.
+    sizes_and_boosts: Option<(HashMap<u32, f32>, HashMap<u32, f32>)>,
+    /// When groups are recorded: the patches each visual token stands for, in order.
+    groups: Option<Vec<Vec<u32>>>,
+    /// When groups are recorded and the stage changed the sample: the same, by representative patch.
+    members: Option<HashMap<u32, Vec<u32>>>,
 }
 
 /// One sample's ranking signals for a caller outside the hook (see [`FoldHook::signals`]).
@@ -880,6 +936,16 @@ impl LayerHook for FoldHook<'_> {
     fn reads_hidden(&self, layer: usize) -> bool {
         self.plan.stages.iter().any(|st| st.layer == layer)
     }
+}
+
+/// Whether a rebuild can mix `hidden`'s rows with [`kernels::mix_rows`]: an inference pass on the CPU in
+/// f32 or f64. Hidden states that need gradients (training through a plan, the search) take the dense
+/// mixing matmul, which carries them.
+fn mixes_on_host(hidden: &Tensor) -> bool {
+    kernels::fused_enabled()
+        && !hidden.track_op()
+        && hidden.device().is_cpu()
+        && matches!(hidden.dtype(), DType::F32 | DType::F64)
 }
 
 /// Sample `s`'s part of a (b, t, …) row-major buffer of `state`'s rows.

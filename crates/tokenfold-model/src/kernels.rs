@@ -358,6 +358,28 @@ trait Real:
     /// f32 values in this type: borrowed when it is f32, so that a packed batch's bias is not copied
     /// at every layer.
     fn from_f32s(values: &[f32]) -> std::borrow::Cow<'_, [Self]>;
+    /// `row[i]` = exp(row[i] − max): a softmax row's exponentials.
+    fn exp_shifted(row: &mut [Self], max: Self) {
+        exp_shifted_loop(row, max);
+    }
+    /// `row[i]` = exp(row[i] + bias[i] − max)·scale: a softmax row recomputed from its logits.
+    fn exp_biased(row: &mut [Self], bias: &[Self], max: Self, scale: Self) {
+        exp_biased_loop(row, bias, max, scale);
+    }
+    /// `out[i]` = silu(gate[i])·up[i] over equal-length slices.
+    fn swiglu_into(out: &mut [Self], gate: &[Self], up: &[Self]) {
+        swiglu_loop(out, gate, up);
+    }
+    /// The gradients of gate and up given the output's gradient, over equal-length slices.
+    fn swiglu_grads_into(
+        dgate: &mut [Self],
+        dup: &mut [Self],
+        gate: &[Self],
+        up: &[Self],
+        g: &[Self],
+    ) {
+        swiglu_grads_loop(dgate, dup, gate, up, g);
+    }
 }
 impl Real for f32 {
     #[inline(always)]
@@ -367,6 +389,128 @@ impl Real for f32 {
     fn from_f32s(values: &[f32]) -> std::borrow::Cow<'_, [f32]> {
         std::borrow::Cow::Borrowed(values)
     }
+    fn exp_shifted(row: &mut [f32], max: f32) {
+        #[cfg(target_arch = "x86_64")]
+        if avx2_fma() {
+            // SAFETY: the CPU has AVX2 and FMA (checked at run time).
+            return unsafe { exp_shifted_avx2(row, max) };
+        }
+        exp_shifted_loop(row, max);
+    }
+    fn exp_biased(row: &mut [f32], bias: &[f32], max: f32, scale: f32) {
+        #[cfg(target_arch = "x86_64")]
+        if avx2_fma() {
+            // SAFETY: the CPU has AVX2 and FMA (checked at run time).
+            return unsafe { exp_biased_avx2(row, bias, max, scale) };
+        }
+        exp_biased_loop(row, bias, max, scale);
+    }
+    fn swiglu_into(out: &mut [f32], gate: &[f32], up: &[f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if avx2_fma() {
+            // SAFETY: the CPU has AVX2 and FMA (checked at run time).
+            return unsafe { swiglu_avx2(out, gate, up) };
+        }
+        swiglu_loop(out, gate, up);
+    }
+    fn swiglu_grads_into(dgate: &mut [f32], dup: &mut [f32], gate: &[f32], up: &[f32], g: &[f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if avx2_fma() {
+            // SAFETY: the CPU has AVX2 and FMA (checked at run time).
+            return unsafe { swiglu_grads_avx2(dgate, dup, gate, up, g) };
+        }
+        swiglu_grads_loop(dgate, dup, gate, up, g);
+    }
+}
+
+/// Whether this x86-64 CPU has AVX2 and FMA. The build targets the x86-64 baseline, whose vectors are
+/// four f32 wide (SSE2); the few loops that are bound by arithmetic rather than memory (the
+/// exponentials of SwiGLU and of attention's softmax) are compiled a second time for eight-wide AVX2 and
+/// picked at run time.
+#[cfg(target_arch = "x86_64")]
+fn avx2_fma() -> bool {
+    static DETECTED: OnceLock<bool> = OnceLock::new();
+    *DETECTED.get_or_init(|| {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    })
+}
+
+// The loops themselves, written once: inlined into each caller, they are compiled for the baseline in
+// the plain methods and for AVX2 in the `*_avx2` functions.
+
+#[inline(always)]
+fn exp_shifted_loop<T: Real>(row: &mut [T], max: T) {
+    for x in row.iter_mut() {
+        *x = (*x - max).fast_exp();
+    }
+}
+
+#[inline(always)]
+fn exp_biased_loop<T: Real>(row: &mut [T], bias: &[T], max: T, scale: T) {
+    for (x, &b) in row.iter_mut().zip(bias) {
+        *x = (*x + b - max).fast_exp() * scale;
+    }
+}
+
+#[inline(always)]
+fn swiglu_loop<T: Real>(out: &mut [T], gate: &[T], up: &[T]) {
+    for ((y, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *y = swiglu_value(g, u);
+    }
+}
+
+#[inline(always)]
+fn swiglu_grads_loop<T: Real>(dgate: &mut [T], dup: &mut [T], gate: &[T], up: &[T], g: &[T]) {
+    for i in 0..gate.len() {
+        (dgate[i], dup[i]) = swiglu_grads(gate[i], up[i], g[i]);
+    }
+}
+
+/// [`Real::exp_shifted`]'s loop compiled for AVX2 and FMA (same results, as below).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_shifted_avx2(row: &mut [f32], max: f32) {
+    exp_shifted_loop(row, max);
+}
+
+/// [`Real::exp_biased`]'s loop compiled for AVX2 and FMA (same results, as below).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_biased_avx2(row: &mut [f32], bias: &[f32], max: f32, scale: f32) {
+    exp_biased_loop(row, bias, max, scale);
+}
+
+/// [`Real::swiglu_into`]'s loop compiled for AVX2 and FMA. FMA contracts no operation here (Rust never
+/// fuses a multiply and an add on its own), so the results are the same bits as the baseline loop's.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn swiglu_avx2(out: &mut [f32], gate: &[f32], up: &[f32]) {
+    swiglu_loop(out, gate, up);
+}
+
+/// [`Real::swiglu_grads_into`]'s loop compiled for AVX2 and FMA (same results, as above).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn swiglu_grads_avx2(
+    dgate: &mut [f32],
+    dup: &mut [f32],
+    gate: &[f32],
+    up: &[f32],
+    g: &[f32],
+) {
+    swiglu_grads_loop(dgate, dup, gate, up, g);
 }
 impl Real for f64 {
     #[inline(always)]
@@ -576,9 +720,7 @@ fn attend<T: Real>(
             // exponentials' loop, that loop stayed scalar (13% of a training step, perf); apart, each
             // vectorises.
             let max = max_of(row);
-            for x in row.iter_mut() {
-                *x = (*x - max).fast_exp();
-            }
+            T::exp_shifted(row, max);
             let sum = sum_of(row);
             let inv = sum.recip();
             row.iter_mut().for_each(|x| *x *= inv);
@@ -775,9 +917,7 @@ fn backward<T: Real>(
                     let bias_row = &bias[(r0 + r) * tk + lo..(r0 + r) * tk + hi];
                     let (max, sum) = lse[r0 + r];
                     let (max, inv): (T, T) = (real(max), real::<T>(sum).recip());
-                    for (x, &b) in p[r * n..(r + 1) * n].iter_mut().zip(bias_row) {
-                        *x = (*x + b - max).fast_exp() * inv;
-                    }
+                    T::exp_biased(&mut p[r * n..(r + 1) * n], bias_row, max, inv);
                 }
                 // dp = go·vᵀ; ds = p ∘ (dp − rowsum(go ∘ o)), stored in dp.
                 matmul(
@@ -1128,6 +1268,7 @@ struct SwiGlu;
 /// Elements per parallel chunk of the elementwise kernels.
 const ELEMENTS_PER_CHUNK: usize = 1 << 14;
 
+#[inline(always)]
 fn sigmoid<T: Real>(x: T) -> T {
     (T::one() + (-x).fast_exp()).recip()
 }
@@ -1153,11 +1294,7 @@ impl BinaryKernel for SwiGlu {
         out.par_chunks_mut(ELEMENTS_PER_CHUNK)
             .zip(gate.par_chunks(ELEMENTS_PER_CHUNK))
             .zip(up.par_chunks(ELEMENTS_PER_CHUNK))
-            .for_each(|((out, gate), up)| {
-                for ((y, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-                    *y = swiglu_value(g, u);
-                }
-            });
+            .for_each(|((out, gate), up)| T::swiglu_into(out, gate, up));
         out
     }
 
@@ -1173,9 +1310,7 @@ impl BinaryKernel for SwiGlu {
                     .zip(grad.par_chunks(ELEMENTS_PER_CHUNK)),
             )
             .for_each(|(((dgate, dup), gate), (up, grad))| {
-                for i in 0..gate.len() {
-                    (dgate[i], dup[i]) = swiglu_grads(gate[i], up[i], grad[i]);
-                }
+                T::swiglu_grads_into(dgate, dup, gate, up, grad);
             });
         (dgate, dup)
     }
@@ -1671,9 +1806,7 @@ impl SwiGluHalves {
             .for_each(|(out, x)| {
                 for (y, row) in out.chunks_mut(f.max(1)).zip(x.chunks(width.max(1))) {
                     let (gate, up) = row.split_at(f);
-                    for ((y, &g), &u) in y.iter_mut().zip(gate).zip(up) {
-                        *y = swiglu_value(g, u);
-                    }
+                    T::swiglu_into(y, gate, up);
                 }
             });
         out
@@ -1694,9 +1827,7 @@ impl SwiGluHalves {
                 {
                     let (gate, up) = row.split_at(f);
                     let (dgate, dup) = dx.split_at_mut(f);
-                    for i in 0..f {
-                        (dgate[i], dup[i]) = swiglu_grads(gate[i], up[i], g[i]);
-                    }
+                    T::swiglu_grads_into(dgate, dup, gate, up, g);
                 }
             });
         dx
@@ -1887,4 +2018,164 @@ pub fn matmul_add(x: &Tensor, a: &Tensor, w: &Tensor) -> Result<Tensor> {
         (DType::F64, DType::F64, DType::F64) => run!(f64),
         dtypes => bail!("matmul and add supports f32 or f64 throughout, not {dtypes:?}"),
     }
+}
+
+/// Output rows per parallel job of [`mix_rows`]: a row is a few hundred multiply-adds, so smaller jobs
+/// would cost more to hand out than to run.
+const MIX_ROWS_PER_JOB: usize = 32;
+
+/// For inference: rows made of weighted sums of `x`'s rows, for x (…, d) read as rows of d. Output row i
+/// is Σ w·x[j] over the (j, w) pairs of `mixes[i]` (zeros for an empty list); the result is
+/// (mixes.len(), d). This is what a dense (rows × rows) mixing matrix times x computes, reading only
+/// the rows each output needs: a reduction stage keeps or merges a few of a batch's rows. It has no
+/// backward pass: an `x` that needs gradients is refused.
+pub fn mix_rows(x: &Tensor, mixes: &[Vec<(usize, f32)>]) -> Result<Tensor> {
+    if x.track_op() {
+        bail!("mix rows has no backward pass; inputs that need gradients take the plain ops");
+    }
+    let d = x.dim(candle_core::D::Minus1)?;
+    let rows = x.elem_count() / d.max(1);
+    if let Some((i, &(j, _))) = mixes
+        .iter()
+        .enumerate()
+        .find_map(|(i, mix)| mix.iter().find(|(j, _)| *j >= rows).map(|p| (i, p)))
+    {
+        bail!("mix rows: output row {i} reads row {j} of {rows}");
+    }
+    let x = x.contiguous()?;
+    macro_rules! run {
+        ($t:ty) => {{
+            let out = with_slice::<$t, _>(&x, |x| {
+                let mut out = vec![<$t>::default(); mixes.len() * d];
+                out.par_chunks_mut((d * MIX_ROWS_PER_JOB).max(1))
+                    .zip(mixes.par_chunks(MIX_ROWS_PER_JOB))
+                    .for_each(|(out, mixes)| {
+                        for (y, mix) in out.chunks_mut(d.max(1)).zip(mixes) {
+                            for &(j, w) in mix {
+                                let (src, w) = (&x[j * d..(j + 1) * d], w as $t);
+                                for (y, &v) in y.iter_mut().zip(src) {
+                                    *y += w * v;
+                                }
+                            }
+                        }
+                    });
+                Ok(out)
+            })?;
+            Tensor::from_vec(out, (mixes.len(), d), x.device())
+        }};
+    }
+    match x.dtype() {
+        DType::F32 => run!(f32),
+        DType::F64 => run!(f64),
+        dtype => bail!("mix rows supports f32 and f64, not {dtype:?}"),
+    }
+}
+
+/// Rows per parallel job of [`embed_rows`].
+const EMBED_ROWS_PER_JOB: usize = 64;
+
+/// For inference: a batch's first hidden states, (b, t, d), in one pass. Row j of sample s is
+/// `patches[s·n + j − start] + offset[j − start]` inside the sample's image span [start, start + n), and
+/// the row of `table` (vocab, d) that `tokens[s, j]` names elsewhere; `tokens` is (b, t) u32, `patches`
+/// (b·n, d) the projected patches, `offset` (n, d) their bias and 2-D positions. It replaces a token
+/// gather, a broadcast addition, a concatenation and a second gather. It has no backward pass: inputs that
+/// need gradients are refused.
+pub fn embed_rows(
+    table: &Tensor,
+    tokens: &Tensor,
+    patches: &Tensor,
+    offset: &Tensor,
+    image_starts: &[Option<usize>],
+) -> Result<Tensor> {
+    let (b, t) = tokens.dims2()?;
+    let (vocab, d) = table.dims2()?;
+    let (n, offset_width) = offset.dims2()?;
+    if patches.dims2()? != (b * n, d) || offset_width != d || image_starts.len() != b {
+        bail!(
+            "embed rows: tokens {:?}, table {:?}, patches {:?}, offset {:?} and {} image starts do not fit",
+            tokens.dims(),
+            table.dims(),
+            patches.dims(),
+            offset.dims(),
+            image_starts.len()
+        );
+    }
+    if let Some((s, start)) = image_starts
+        .iter()
+        .enumerate()
+        .find_map(|(s, start)| start.filter(|&start| start + n > t).map(|start| (s, start)))
+    {
+        bail!("sample {s}: an image of {n} patches at {start} overruns its {t} tokens");
+    }
+    if [table, patches, offset].iter().any(|x| x.track_op()) {
+        bail!("embed rows has no backward pass; inputs that need gradients take the plain ops");
+    }
+    let tokens = tokens.to_dtype(DType::U32)?.contiguous()?;
+    let (table, patches, offset) = (
+        table.contiguous()?,
+        patches.contiguous()?,
+        offset.contiguous()?,
+    );
+    macro_rules! run {
+        ($t:ty) => {{
+            let out = with_slice::<u32, _>(&tokens, |ids| {
+                if let Some((at, &id)) = ids
+                    .iter()
+                    .enumerate()
+                    .find(|(at, id)| !in_image(image_starts, n, t, *at) && **id as usize >= vocab)
+                {
+                    bail!(
+                        "embed rows: token {id} at row {at} is outside the vocabulary of {vocab}"
+                    );
+                }
+                with_slice::<$t, _>(&table, |table| {
+                    with_slice::<$t, _>(&patches, |patches| {
+                        with_slice::<$t, _>(&offset, |offset| {
+                            let mut out = vec![<$t>::default(); b * t * d];
+                            out.par_chunks_mut((d * EMBED_ROWS_PER_JOB).max(1))
+                                .enumerate()
+                                .for_each(|(job, out)| {
+                                    for (i, y) in out.chunks_mut(d.max(1)).enumerate() {
+                                        let at = job * EMBED_ROWS_PER_JOB + i;
+                                        let (s, j) = (at / t, at % t);
+                                        match image_starts[s]
+                                            .filter(|_| in_image(image_starts, n, t, at))
+                                        {
+                                            Some(start) => {
+                                                let (patch, k) =
+                                                    ((s * n + j - start) * d, (j - start) * d);
+                                                for ((y, &p), &o) in y
+                                                    .iter_mut()
+                                                    .zip(&patches[patch..patch + d])
+                                                    .zip(&offset[k..k + d])
+                                                {
+                                                    *y = p + o;
+                                                }
+                                            }
+                                            None => {
+                                                let row = ids[at] as usize * d;
+                                                y.copy_from_slice(&table[row..row + d]);
+                                            }
+                                        }
+                                    }
+                                });
+                            Ok(out)
+                        })
+                    })
+                })
+            })?;
+            Tensor::from_vec(out, (b, t, d), table.device())
+        }};
+    }
+    match (table.dtype(), patches.dtype(), offset.dtype()) {
+        (DType::F32, DType::F32, DType::F32) => run!(f32),
+        (DType::F64, DType::F64, DType::F64) => run!(f64),
+        dtypes => bail!("embed rows supports f32 or f64 throughout, not {dtypes:?}"),
+    }
+}
+
+/// Whether flat row `at` of a (b, t) batch lies in its sample's image span of `n` patches.
+fn in_image(image_starts: &[Option<usize>], n: usize, t: usize, at: usize) -> bool {
+    let (s, j) = (at / t, at % t);
+    image_starts[s].is_some_and(|start| (start..start + n).contains(&j))
 }

@@ -6,6 +6,7 @@
 //!
 //! It builds on `tokenfold-data` (batches, tasks, tokenizer) and owns no data logic.
 
+pub mod awake;
 pub mod config;
 pub mod error;
 pub mod eval;

@@ -23,6 +23,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokenfold_data::Batch;
 
+use crate::awake::Awake;
 use crate::config::ModelConfig;
 use crate::kernels::{HeadPart, add_rms_norm, matmul_add, split_heads, swiglu_halves};
 use crate::moe::{LayerRouting, Moe};
@@ -1169,13 +1170,15 @@ impl NativeModel {
     /// Embeds a batch: patch embeddings at each image span, token embeddings elsewhere.
     pub fn embed(&self, inputs: &Inputs) -> Result<SeqState> {
         let (b, t) = inputs.tokens.dims2()?;
+        if let Some(hidden) = self.embed_for_inference(inputs)? {
+            return Ok(self.fresh_state(hidden, inputs));
+        }
         let tokens = self
             .embed_tokens
             .embedding(&inputs.tokens.flatten_all()?)?
             .reshape((b, t, self.config.d_model))?;
         let grid = self.config.image_grid;
         let n = grid * grid;
-        let mut is_image = vec![false; b * t];
         let needs_patches = inputs.image_starts.iter().any(Option::is_some);
         let patches = match (&self.image, needs_patches) {
             (_, false) => None,
@@ -1245,7 +1248,6 @@ impl NativeModel {
                     for j in 0..n {
                         index[s * t + start + j] = (b * t + s * n + j) as u32;
                     }
-                    is_image[s * t + start..s * t + start + n].fill(true);
                 }
                 let table = Tensor::cat(
                     &[tokens.reshape((b * t, d))?, patches.reshape((b * n, d))?],
@@ -1256,8 +1258,50 @@ impl NativeModel {
                     .reshape((b, t, d))?
             }
         };
+        Ok(self.fresh_state(hidden, inputs))
+    }
+
+    /// An inference pass's embeddings with the patch weights prepared: the patches' matmul, then
+    /// [`crate::kernels::embed_rows`] assembles the batch in one pass. `None` where that does not apply
+    /// (no image in the batch, weights not prepared, an encoder, inputs that need gradients).
+    fn embed_for_inference(&self, inputs: &Inputs) -> Result<Option<Tensor>> {
+        let ImageInput::Linear {
+            prepared: Some((weight, offset)),
+            ..
+        } = &self.image
+        else {
+            return Ok(None);
+        };
+        if !inputs.image_starts.iter().any(Option::is_some)
+            || !inference_kernels(&inputs.patches)
+            || self.embed_tokens.track_op()
+        {
+            return Ok(None);
+        }
+        let (b, n, p) = inputs.patches.dims3()?;
+        let projected = inputs.patches.reshape((b * n, p))?.matmul(weight)?;
+        crate::kernels::embed_rows(
+            &self.embed_tokens,
+            &inputs.tokens,
+            &projected,
+            offset,
+            &inputs.image_starts,
+        )
+        .map(Some)
+    }
+
+    /// The state before layer 0 of `hidden` (b, t, d), the embeddings of `inputs`.
+    fn fresh_state(&self, hidden: Tensor, inputs: &Inputs) -> SeqState {
+        let (b, t) = (hidden.dims()[0], hidden.dims()[1]);
+        let n = self.config.image_grid * self.config.image_grid;
+        let mut is_image = vec![false; b * t];
+        for (s, start) in inputs.image_starts.iter().enumerate() {
+            if let Some(start) = *start {
+                is_image[s * t + start..(s * t + start + n).min((s + 1) * t)].fill(true);
+            }
+        }
         let valid = (0..b * t).map(|i| i % t < inputs.lengths[i / t]).collect();
-        Ok(SeqState {
+        SeqState {
             hidden,
             positions: (0..b * t).map(|i| (i % t) as u32).collect(),
             is_image,
@@ -1266,7 +1310,7 @@ impl NativeModel {
             captured: None,
             aux_loss: None,
             routing: Vec::new(),
-        })
+        }
     }
 
     fn rope_for(&self, positions: &[u32], b: usize, t: usize) -> Result<(Tensor, Tensor)> {
@@ -1302,6 +1346,7 @@ impl NativeModel {
         hook: &mut dyn LayerHook,
         mut cache: Option<&mut KvCache>,
     ) -> Result<SeqState> {
+        let _awake = Awake::new();
         if let Some(cache) = cache.as_deref_mut() {
             cache.layers = vec![None; self.blocks.len()];
         }
@@ -1610,6 +1655,7 @@ impl NativeModel {
         hook: &mut dyn LayerHook,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
+        let _awake = Awake::new();
         let state = self.forward(self.embed(inputs)?, hook, Some(cache))?;
         let (b, t) = (state.batch(), state.len());
         let last: Vec<u32> = (0..b)
@@ -1627,6 +1673,7 @@ impl NativeModel {
 
     /// One decoding step: feeds one token per sample at its next position; returns logits (b, vocab).
     pub fn decode_step(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        let _awake = Awake::new();
         let b = tokens.len();
         let ids = Tensor::from_slice(tokens, b, &self.device)?;
         let mut hidden = self

@@ -2157,3 +2157,182 @@ fn fast_exp_is_within_two_ulp() {
     assert!(crate::kernels::exp_f32(1e9).is_finite());
     assert_eq!(crate::kernels::exp_f32(0.0), 1.0);
 }
+
+#[test]
+fn awake_guards_keep_pool_threads_working_until_dropped_and_only_inside_a_pool() {
+    use crate::awake::Awake;
+    use rayon::prelude::*;
+    let expected: u64 = (0..200_000u64).map(|x| x * x % 7).sum();
+    // A thread outside any pool must never start spinning threads it would compete with.
+    assert!(!Awake::start().is_active());
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    pool.install(|| {
+        let guard = Awake::start();
+        assert!(guard.is_active());
+        assert!(!Awake::start().is_active(), "a nested guard starts nothing");
+        let flag = guard.stop_flag().expect("an active guard has a flag");
+        // The spinning thread takes the pool's work: parallel operations still finish, with the same sums.
+        for _ in 0..20 {
+            let sum: u64 = (0..200_000u64).into_par_iter().map(|x| x * x % 7).sum();
+            assert_eq!(sum, expected);
+        }
+        drop(guard);
+        // The spinning job ends once the guard is gone. Its closure, which holds a clone of the flag, is
+        // shared by every thread's copy of the broadcast and dropped once all have run; this thread runs
+        // its own (which returns at once) when it looks for pool work.
+        let started = std::time::Instant::now();
+        while Arc::strong_count(&flag) > 1 {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(60),
+                "the spinning job did not end after the guard was dropped"
+            );
+            if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                std::thread::yield_now();
+            }
+        }
+        assert!(Awake::start().is_active(), "a later guard starts again");
+    });
+    let single = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    single.install(|| assert!(!Awake::start().is_active(), "no other thread to keep awake"));
+}
+
+#[test]
+fn mix_rows_matches_a_dense_mixing_matmul() {
+    use crate::kernels::mix_rows;
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    for (rows, d, out) in [(1, 1, 1), (5, 3, 0), (40, 16, 70), (9, 256, 33)] {
+        let x = randn(&[rows, d]);
+        // Kept rows (one weight of 1), merged rows (several weights, a row repeated), and empty rows.
+        let mixes: Vec<Vec<(usize, f32)>> = (0..out)
+            .map(|i| match i % 4 {
+                0 => vec![(rng.random_range(0..rows), 1.0)],
+                1 => Vec::new(),
+                _ => (0..rng.random_range(1..4))
+                    .map(|_| (rng.random_range(0..rows), rng.random_range(-1.0..1.0)))
+                    .collect(),
+            })
+            .collect();
+        let mut dense = vec![0f64; out * rows];
+        for (i, mix) in mixes.iter().enumerate() {
+            for &(j, w) in mix {
+                dense[i * rows + j] += f64::from(w);
+            }
+        }
+        let expected = Tensor::from_vec(dense, (out, rows), &Device::Cpu)
+            .unwrap()
+            .matmul(&x)
+            .unwrap();
+        let got = mix_rows(&x, &mixes).unwrap();
+        assert_eq!(got.dims(), [out, d]);
+        let diff = (got - expected)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap_or_else(|_| Tensor::new(0f64, &Device::Cpu).unwrap())
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(
+            diff < 1e-12,
+            "rows {rows}, d {d}, out {out}: differs by {diff}"
+        );
+    }
+    let x = randn(&[3, 2]);
+    let error = mix_rows(&x, &[vec![(3, 1.0)]]).unwrap_err().to_string();
+    assert!(error.contains("output row 0 reads row 3 of 3"), "{error}");
+    let var = candle_core::Var::from_tensor(&x).unwrap();
+    assert!(mix_rows(var.as_tensor(), &[vec![(0, 1.0)]]).is_err());
+}
+
+#[test]
+fn embed_rows_assembles_token_and_patch_rows() {
+    use crate::kernels::embed_rows;
+    let (vocab, d, n, t) = (6, 3, 2, 5);
+    let table = randn(&[vocab, d]);
+    let patches = randn(&[3 * n, d]);
+    let offset = randn(&[n, d]);
+    // Sample 0 has its image at 1..3, sample 1 none, sample 2 at the very end (3..5).
+    let ids: Vec<u32> = vec![0, 5, 5, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 9, 9];
+    let tokens = Tensor::from_vec(ids.clone(), (3, t), &Device::Cpu).unwrap();
+    let starts = [Some(1), None, Some(3)];
+    let got = embed_rows(&table, &tokens, &patches, &offset, &starts).unwrap();
+    assert_eq!(got.dims(), [3, t, d]);
+    for s in 0..3 {
+        for j in 0..t {
+            let expected = match starts[s].filter(|&st| (st..st + n).contains(&j)) {
+                Some(st) => {
+                    (patches.i(s * n + j - st).unwrap() + offset.i(j - st).unwrap()).unwrap()
+                }
+                None => table.i(ids[s * t + j] as usize).unwrap(),
+            };
+            let diff = (got.i((s, j)).unwrap() - expected)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert!(diff == 0.0, "sample {s}, row {j}: differs by {diff}");
+        }
+    }
+    // Ids under an image span are never read (the 9s above); elsewhere they must be in the vocabulary.
+    let bad = Tensor::from_vec(vec![0u32, 7, 0, 0, 0], (1, t), &Device::Cpu).unwrap();
+    let error = embed_rows(
+        &table,
+        &bad,
+        &patches.narrow(0, 0, n).unwrap(),
+        &offset,
+        &[None],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("token 7 at row 1"), "{error}");
+    let error = embed_rows(
+        &table,
+        &tokens.narrow(0, 0, 1).unwrap(),
+        &patches.narrow(0, 0, n).unwrap(),
+        &offset,
+        &[Some(4)],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("at 4 overruns its 5 tokens"), "{error}");
+}
+
+#[test]
+fn swiglu_halves_in_f32_gives_the_scalar_loops_bits() {
+    use crate::kernels::{exp_f32, swiglu_halves};
+    // Wide enough for several vector iterations and a remainder, with values that saturate the sigmoid.
+    let f = 37;
+    let x: Vec<f32> = (0..3 * 2 * f)
+        .map(|i| ((i * 7919) % 2003) as f32 / 20.0 - 50.0)
+        .collect();
+    let got: Vec<f32> =
+        swiglu_halves(&Tensor::from_vec(x.clone(), (3, 2 * f), &Device::Cpu).unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+    for (r, row) in x.chunks(2 * f).enumerate() {
+        for i in 0..f {
+            let (g, u) = (row[i], row[f + i]);
+            let expected = g * (1.0 + exp_f32(-g)).recip() * u;
+            assert_eq!(
+                got[r * f + i].to_bits(),
+                expected.to_bits(),
+                "row {r}, column {i}"
+            );
+        }
+    }
+}
