@@ -124,7 +124,7 @@ enum Command {
     Demo(demo::DemoArgs),
 }
 
-/// Leaves candle's own thread pool without workers, so that every parallel operation runs on rayon's pool.
+/// Leaves candle's own elementwise thread pool without workers, so that rayon's pool is the only one.
 /// candle 0.11 runs its large elementwise operations (64 Ki elements and more) on a second pool of its
 /// own, whose threads wake, spin and park apart from rayon's. With rayon's threads kept awake through a
 /// pass ([`tokenfold_model::awake`]), one of candle's threads woken on a busy core waited for the

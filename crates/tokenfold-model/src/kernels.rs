@@ -2100,11 +2100,11 @@ pub fn embed_rows(
             image_starts.len()
         );
     }
-    if let Some((s, start)) = image_starts
-        .iter()
-        .enumerate()
-        .find_map(|(s, start)| start.filter(|&start| start + n > t).map(|start| (s, start)))
-    {
+    if let Some((s, start)) = image_starts.iter().enumerate().find_map(|(s, start)| {
+        start
+            .filter(|&start| start.checked_add(n).is_none_or(|end| end > t))
+            .map(|start| (s, start))
+    }) {
         bail!("sample {s}: an image of {n} patches at {start} overruns its {t} tokens");
     }
     if [table, patches, offset].iter().any(|x| x.track_op()) {
@@ -2177,5 +2177,45 @@ pub fn embed_rows(
 /// Whether flat row `at` of a (b, t) batch lies in its sample's image span of `n` patches.
 fn in_image(image_starts: &[Option<usize>], n: usize, t: usize, at: usize) -> bool {
     let (s, j) = (at / t, at % t);
-    image_starts[s].is_some_and(|start| (start..start + n).contains(&j))
+    image_starts[s].is_some_and(|start| j >= start && j - start < n)
+}
+
+#[cfg(test)]
+mod dispatch_tests {
+    use super::*;
+
+    /// Values across the exponential's range, past both ends of its clamp, in a length with a remainder
+    /// after the eight-wide iterations.
+    fn values(n: usize, offset: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 7919 + offset) % 4001) as f32 / 20.0 - 100.0)
+            .collect()
+    }
+
+    #[test]
+    fn the_f32_loops_give_the_baseline_loops_bits() {
+        let n = 203;
+        let (a, b, c) = (values(n, 0), values(n, 17), values(n, 911));
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        // <f32 as Real> dispatches (to AVX2 where the CPU has it); the `*_loop` functions are the
+        // baseline. On a CPU without AVX2 both are the baseline and the test holds trivially.
+        let (mut fast, mut plain) = (a.clone(), a.clone());
+        <f32 as Real>::exp_shifted(&mut fast, 3.5);
+        exp_shifted_loop(&mut plain, 3.5f32);
+        assert_eq!(bits(&fast), bits(&plain), "exp_shifted");
+        let (mut fast, mut plain) = (a.clone(), a.clone());
+        <f32 as Real>::exp_biased(&mut fast, &b, 2.0, 0.25);
+        exp_biased_loop(&mut plain, &b, 2.0f32, 0.25);
+        assert_eq!(bits(&fast), bits(&plain), "exp_biased");
+        let (mut fast, mut plain) = (vec![0f32; n], vec![0f32; n]);
+        <f32 as Real>::swiglu_into(&mut fast, &a, &b);
+        swiglu_loop(&mut plain, &a, &b);
+        assert_eq!(bits(&fast), bits(&plain), "swiglu");
+        let (mut fast_g, mut fast_u, mut plain_g, mut plain_u) =
+            (vec![0f32; n], vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+        <f32 as Real>::swiglu_grads_into(&mut fast_g, &mut fast_u, &a, &b, &c);
+        swiglu_grads_loop(&mut plain_g, &mut plain_u, &a, &b, &c);
+        assert_eq!(bits(&fast_g), bits(&plain_g), "swiglu gate gradient");
+        assert_eq!(bits(&fast_u), bits(&plain_u), "swiglu up gradient");
+    }
 }

@@ -1240,7 +1240,7 @@ impl NativeModel {
                 let mut index: Vec<u32> = (0..(b * t) as u32).collect();
                 for (s, start) in inputs.image_starts.iter().enumerate() {
                     let Some(start) = *start else { continue };
-                    if start + n > t {
+                    if start.checked_add(n).is_none_or(|end| end > t) {
                         candle_core::bail!(
                             "sample {s}: an image of {n} patches at {start} overruns its {t} tokens"
                         );
@@ -1296,8 +1296,9 @@ impl NativeModel {
         let n = self.config.image_grid * self.config.image_grid;
         let mut is_image = vec![false; b * t];
         for (s, start) in inputs.image_starts.iter().enumerate() {
-            if let Some(start) = *start {
-                is_image[s * t + start..(s * t + start + n).min((s + 1) * t)].fill(true);
+            // Both embedding paths refuse an image that overruns its sample; clamped all the same.
+            if let Some(start) = start.filter(|&start| start < t) {
+                is_image[s * t + start..s * t + start + n.min(t - start)].fill(true);
             }
         }
         let valid = (0..b * t).map(|i| i % t < inputs.lengths[i / t]).collect();

@@ -2158,10 +2158,17 @@ fn fast_exp_is_within_two_ulp() {
     assert_eq!(crate::kernels::exp_f32(0.0), 1.0);
 }
 
+/// One guard is active per process, so the tests of guards take turns.
+fn awake_tests_in_turn() -> std::sync::MutexGuard<'static, ()> {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    TURN.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 #[test]
 fn awake_guards_keep_pool_threads_working_until_dropped_and_only_inside_a_pool() {
     use crate::awake::Awake;
     use rayon::prelude::*;
+    let _turn = awake_tests_in_turn();
     let expected: u64 = (0..200_000u64).map(|x| x * x % 7).sum();
     // A thread outside any pool must never start spinning threads it would compete with.
     assert!(!Awake::start().is_active());
@@ -2194,12 +2201,71 @@ fn awake_guards_keep_pool_threads_working_until_dropped_and_only_inside_a_pool()
             }
         }
         assert!(Awake::start().is_active(), "a later guard starts again");
+        // Guards in quick succession, as back-to-back passes make them: a spinning thread may take the
+        // next guard's job before it saw its own flag. Every job still ends, and every flag is released.
+        let flags: Vec<Arc<std::sync::atomic::AtomicBool>> = (0..200)
+            .map(|_| {
+                let guard = Awake::start();
+                let sum: u64 = (0..2_000u64).into_par_iter().map(|x| x * x % 7).sum();
+                assert_eq!(sum, (0..2_000u64).map(|x| x * x % 7).sum::<u64>());
+                guard.stop_flag().expect("an active guard has a flag")
+            })
+            .collect();
+        let started = std::time::Instant::now();
+        while flags.iter().any(|f| Arc::strong_count(f) > 1) {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(60),
+                "a spinning job did not end after its guard was dropped"
+            );
+            if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                std::thread::yield_now();
+            }
+        }
     });
     let single = rayon::ThreadPoolBuilder::new()
         .num_threads(1)
         .build()
         .unwrap();
     single.install(|| assert!(!Awake::start().is_active(), "no other thread to keep awake"));
+}
+
+#[test]
+fn awake_guards_on_two_pool_threads_at_once_never_hang() {
+    use crate::awake::Awake;
+    use rayon::prelude::*;
+    let _turn = awake_tests_in_turn();
+    // Passes started from two pool threads at the same time: with both guards spinning, each thread
+    // could run the other's spinning job on top of its own pass. A watchdog turns a hang into a failure.
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let (active, most) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        pool.install(|| {
+            for _ in 0..100 {
+                let work = || {
+                    let guard = Awake::start();
+                    if guard.is_active() {
+                        most.fetch_max(active.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+                    }
+                    let sum: u64 = (0..20_000u64).into_par_iter().map(|x| x % 3).sum();
+                    if guard.is_active() {
+                        active.fetch_sub(1, Ordering::SeqCst);
+                    }
+                    sum
+                };
+                assert_eq!(rayon::join(work, work), (19_999, 19_999));
+            }
+        });
+        assert_eq!(most.load(Ordering::SeqCst), 1, "one guard active at a time");
+        done.send(()).unwrap();
+    });
+    finished
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("passes with guards on two pool threads did not finish");
 }
 
 #[test]
@@ -2307,6 +2373,21 @@ fn embed_rows_assembles_token_and_patch_rows() {
     .unwrap_err()
     .to_string();
     assert!(error.contains("at 4 overruns its 5 tokens"), "{error}");
+    // An image longer than the whole sequence.
+    let patches_long = randn(&[8, d]);
+    let error = embed_rows(
+        &table,
+        &tokens.narrow(0, 0, 1).unwrap(),
+        &patches_long,
+        &randn(&[8, d]),
+        &[Some(0)],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        error.contains("an image of 8 patches at 0 overruns its 5 tokens"),
+        "{error}"
+    );
 }
 
 #[test]
