@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use tokenfold_data::sequence::{SequenceConfig, encode_prompt};
 use tokenfold_data::{Assets, EvalSpec, Task, TextTokenizer};
 use tokenfold_model::eval::{SetResult, evaluate_with, mean_accuracy, prompt_inputs};
+use tokenfold_model::panels::PackedWeight;
 use tokenfold_model::{KvCache, NativeModel, NoHook};
 
 use crate::budget::{Geometry, prefill_flops};
@@ -239,9 +240,10 @@ pub fn measure_latency(
 /// The time (ms) of the decoder's projection matmuls alone ([`NativeModel::projection_shapes`]) with
 /// `full_rows[ℓ]` rows entering layer ℓ, and with `plan_rows[ℓ]`: the fastest of `repeats` passes each,
 /// alternating. Each layer has its own random f32 weights, so that the matmuls read as many weight bytes
-/// as the model's. A matmul over few rows runs further from the machine's peak than one over many
-/// (every weight is read whatever the rows), which the FLOPs do not see; the two times show how much of
-/// the speed-up the rows predict the matmuls themselves keep. `None` for a mixture-of-experts model.
+/// as the model's, and they take the path a prepared model's projections take (panels for few rows,
+/// gemm for many: [`tokenfold_model::panels`]). A matmul over few rows runs further from the machine's
+/// peak than one over many (every weight is read whatever the rows), which the FLOPs do not see; the two
+/// times show how much of the speed-up the rows predict the matmuls themselves keep. `None` for a mixture-of-experts model.
 pub fn matmul_ms(
     model: &NativeModel,
     full_rows: &[usize],
@@ -256,7 +258,7 @@ pub fn matmul_ms(
         .map(|_| {
             shapes
                 .iter()
-                .map(|&(i, o)| Tensor::randn(0f32, 1.0, (i, o), device))
+                .map(|&(i, o)| PackedWeight::new(&Tensor::randn(0f32, 1.0, (i, o), device)?))
                 .collect::<candle_core::Result<Vec<_>>>()
         })
         .collect::<candle_core::Result<Vec<_>>>()?;
@@ -273,11 +275,13 @@ pub fn matmul_ms(
     };
     let (full_inputs, plan_inputs) = (inputs(full_rows)?, inputs(plan_rows)?);
     let pass = |inputs: &[Vec<Tensor>]| -> candle_core::Result<f64> {
+        // As in a prefill, the pool's threads stay awake through the pass.
+        let _awake = tokenfold_model::awake::Awake::new();
         let started = Instant::now();
         for (xs, layer) in inputs.iter().zip(&weights) {
             for (x, w) in xs.iter().zip(layer) {
                 if x.dim(0)? > 0 {
-                    x.matmul(w)?;
+                    w.matmul(x)?;
                 }
             }
         }

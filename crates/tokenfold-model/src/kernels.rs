@@ -151,7 +151,10 @@ fn contiguous_slice<'a, T: WithDType>(
 }
 
 /// The slice of a contiguous CPU tensor; the read guard must outlive it, hence the callback.
-fn with_slice<T: WithDType, R>(tensor: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
+pub(crate) fn with_slice<T: WithDType, R>(
+    tensor: &Tensor,
+    f: impl FnOnce(&[T]) -> Result<R>,
+) -> Result<R> {
     let (storage, layout) = tensor.storage_and_layout();
     match &*storage {
         Storage::Cpu(cpu) => f(contiguous_slice(cpu, layout, "tensor")?),
@@ -428,7 +431,7 @@ impl Real for f32 {
 /// exponentials of SwiGLU and of attention's softmax) are compiled a second time for eight-wide AVX2 and
 /// picked at run time.
 #[cfg(target_arch = "x86_64")]
-fn avx2_fma() -> bool {
+pub(crate) fn avx2_fma() -> bool {
     static DETECTED: OnceLock<bool> = OnceLock::new();
     *DETECTED.get_or_init(|| {
         std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")

@@ -2,7 +2,8 @@
 //!
 //! Native multimodal model building blocks on candle: the early-fusion decoder ([`model`]), the ops it is
 //! made of, each with a backward pass ([`ops`]), AdamW and schedules ([`optim`]), training with atomic,
-//! resumable checkpoints ([`train`]), and evaluation by greedy KV-cache generation ([`eval`]).
+//! resumable checkpoints ([`train`]), and evaluation by greedy KV-cache generation ([`eval`]). For
+//! inference, fused kernels ([`kernels`]) and weights packed for products of few rows ([`panels`]).
 //!
 //! It builds on `tokenfold-data` (batches, tasks, tokenizer) and owns no data logic.
 
@@ -15,6 +16,7 @@ pub mod model;
 pub mod moe;
 pub mod ops;
 pub mod optim;
+pub mod panels;
 pub mod train;
 pub mod vision;
 

@@ -25,11 +25,12 @@ use tokenfold_data::Batch;
 
 use crate::awake::Awake;
 use crate::config::ModelConfig;
-use crate::kernels::{HeadPart, add_rms_norm, matmul_add, split_heads, swiglu_halves};
+use crate::kernels::{HeadPart, add_rms_norm, split_heads, swiglu_halves};
 use crate::moe::{LayerRouting, Moe};
 use crate::ops::{
     MASKED, apply_rope, attention, cross_entropy_rows, rms_norm, rope_tables, swiglu,
 };
+use crate::panels::PackedWeight;
 use crate::vision::VisionEncoder;
 
 /// Token ids, patches and layout of a batch, on a device.
@@ -395,7 +396,7 @@ struct Attention {
     k_norm: Option<Tensor>,
     /// Once prepared for inference: the q, k and v weights side by side, (d, 3d), so that a layer
     /// projects and splits its heads in one matmul and one copy instead of three of each.
-    qkv_transposed: Option<Tensor>,
+    qkv_transposed: Option<PackedWeight>,
 }
 
 /// A layer's feed-forward part: one SwiGLU MLP, or a mixture of experts.
@@ -406,7 +407,7 @@ enum Ffn {
         down_proj: Proj,
         /// Once prepared for inference: the gate and up weights side by side, (d, 2·d_ff), so that an
         /// inference pass computes both in one matmul.
-        gate_up_transposed: Option<Tensor>,
+        gate_up_transposed: Option<PackedWeight>,
     },
     Experts(Moe),
 }
@@ -454,7 +455,7 @@ fn linear(
 /// an (in, out) weight is read in place.
 struct Proj {
     linear: Linear,
-    transposed: Option<Tensor>,
+    transposed: Option<PackedWeight>,
 }
 
 impl Proj {
@@ -469,7 +470,7 @@ impl Proj {
         match &self.transposed {
             Some(w) => {
                 let (b, t, i) = x.dims3()?;
-                x.reshape((b * t, i))?.matmul(w)?.reshape((b, t, ()))
+                w.matmul(&x.reshape((b * t, i))?)?.reshape((b, t, ()))
             }
             None => self.linear.forward(x),
         }
@@ -477,7 +478,7 @@ impl Proj {
 
     /// Stores the transposed weight, detached: valid until the weight changes.
     fn prepare_inference(&mut self) -> Result<()> {
-        self.transposed = Some(self.linear.weight().detach().t()?.contiguous()?);
+        self.transposed = Some(PackedWeight::new(&self.linear.weight().t()?)?);
         Ok(())
     }
 }
@@ -585,7 +586,7 @@ impl Block {
         let attn = &mut self.attn;
         let weights =
             [&attn.q_proj, &attn.k_proj, &attn.v_proj].map(|p| p.linear.weight().detach());
-        attn.qkv_transposed = Some(Tensor::cat(&weights, 0)?.t()?.contiguous()?);
+        attn.qkv_transposed = Some(PackedWeight::new(&Tensor::cat(&weights, 0)?.t()?)?);
         if let Ffn::Dense {
             gate_proj,
             up_proj,
@@ -594,7 +595,7 @@ impl Block {
         } = &mut self.ffn
         {
             let weights = [&*gate_proj, &*up_proj].map(|p| p.linear.weight().detach());
-            *gate_up_transposed = Some(Tensor::cat(&weights, 0)?.t()?.contiguous()?);
+            *gate_up_transposed = Some(PackedWeight::new(&Tensor::cat(&weights, 0)?.t()?)?);
             for proj in [gate_proj, up_proj, down_proj] {
                 proj.prepare_inference()?;
             }
@@ -615,7 +616,7 @@ impl Block {
         if let (Some(w), true) = (&self.attn.qkv_transposed, with_values) {
             let (b, t, d) = normed.dims3()?;
             let (h, hd) = (cfg.n_heads, cfg.head_dim());
-            let qkv = normed.reshape((b * t, d))?.matmul(w)?;
+            let qkv = w.matmul(&normed.reshape((b * t, d))?)?;
             let attn = &self.attn;
             if inference_kernels(&qkv) {
                 let parts = [
@@ -851,8 +852,8 @@ impl Block {
             } => match (gate_up_transposed, &down_proj.transposed) {
                 (Some(gate_up), Some(down)) if inference_kernels(&normed) => {
                     let (b, t, d) = normed.dims3()?;
-                    let activated = swiglu_halves(&normed.reshape((b * t, d))?.matmul(gate_up)?)?;
-                    let hidden = matmul_add(&x, &activated.reshape((b, t, ()))?, down)?;
+                    let activated = swiglu_halves(&gate_up.matmul(&normed.reshape((b * t, d))?)?)?;
+                    let hidden = down.matmul_add(&x, &activated.reshape((b, t, ()))?)?;
                     (hidden, None, None)
                 }
                 _ if self.stack_projections
@@ -906,7 +907,7 @@ enum ImageInput {
         image_col: Tensor,
         /// Once prepared for inference: the weight transposed to (patch_dim, d), and the bias plus the 2-D
         /// positions, (grid², d), which the embedding then adds in one operation.
-        prepared: Option<(Tensor, Tensor)>,
+        prepared: Option<(PackedWeight, Tensor)>,
     },
     /// Late fusion: a ViT encoder and connector.
     Encoder(Box<VisionEncoder>),
@@ -922,7 +923,7 @@ pub struct NativeModel {
     norm: Tensor,
     lm_head: Option<Tensor>,
     /// The output head transposed to (d, vocab) and contiguous, once prepared for inference.
-    head_transposed: Option<Tensor>,
+    head_transposed: Option<PackedWeight>,
     rope_cos: Tensor,
     rope_sin: Tensor,
     device: Device,
@@ -1081,12 +1082,12 @@ impl NativeModel {
                 .broadcast_add(&image_col.unsqueeze(0)?)?
                 .reshape(((), d))?;
             *prepared = Some((
-                patch_embed.weight().detach().t()?.contiguous()?,
+                PackedWeight::new(&patch_embed.weight().t()?)?,
                 pos2d.broadcast_add(patch_bias)?.detach(),
             ));
         }
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        self.head_transposed = Some(head.detach().t()?.contiguous()?);
+        self.head_transposed = Some(PackedWeight::new(&head.t()?)?);
         Ok(())
     }
 
@@ -1193,8 +1194,8 @@ impl NativeModel {
                 Some(
                     inputs
                         .patches
-                        .reshape((b * n, p))?
-                        .matmul(weight)?
+                        .reshape((b * n, p))
+                        .and_then(|x| weight.matmul(&x))?
                         .reshape((b, n, self.config.d_model))?
                         .broadcast_add(offset)?,
                 )
@@ -1279,7 +1280,7 @@ impl NativeModel {
             return Ok(None);
         }
         let (b, n, p) = inputs.patches.dims3()?;
-        let projected = inputs.patches.reshape((b * n, p))?.matmul(weight)?;
+        let projected = weight.matmul(&inputs.patches.reshape((b * n, p))?)?;
         crate::kernels::embed_rows(
             &self.embed_tokens,
             &inputs.tokens,
@@ -1533,7 +1534,7 @@ impl NativeModel {
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let normed = rms_norm(hidden, &self.norm, self.config.norm_eps)?;
         match &self.head_transposed {
-            Some(head) => normed.matmul(head),
+            Some(head) => head.matmul(&normed),
             None => normed.matmul(&self.lm_head.as_ref().unwrap_or(&self.embed_tokens).t()?),
         }
     }

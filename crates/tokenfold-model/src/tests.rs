@@ -332,7 +332,7 @@ fn model_like_bias(lengths: &[usize], t: usize, image: (usize, usize)) -> Tensor
 }
 
 /// Largest difference between two tensors relative to the largest magnitude of the reference.
-fn relative_error(a: &Tensor, reference: &Tensor) -> f64 {
+pub(crate) fn relative_error(a: &Tensor, reference: &Tensor) -> f64 {
     let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
     let r: Vec<f32> = reference.flatten_all().unwrap().to_vec1().unwrap();
     let scale = r.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-30) as f64;
