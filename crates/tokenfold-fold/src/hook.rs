@@ -594,14 +594,12 @@ impl<'a> FoldHook<'a> {
                     .collect();
                 let rows: Vec<usize> = visual.iter().chain(&text).copied().collect();
                 let cols = self.model.config.d_model;
-                let hidden = Matrix::new(
-                    rows.len(),
-                    cols,
-                    rows.iter()
-                        .flat_map(|&j| normed[j * cols..(j + 1) * cols].iter().copied())
-                        .collect(),
-                );
-                let kept = dart(&hidden, &qk.key_l1(s, &rows), n, pivots, target);
+                let mut data = Vec::with_capacity(rows.len() * cols);
+                for &j in &rows {
+                    data.extend_from_slice(&normed[j * cols..(j + 1) * cols]);
+                }
+                let hidden = Matrix::new(rows.len(), cols, data);
+                let kept = dart(hidden, &qk.key_l1(s, &rows), n, pivots, target);
                 let mut indicator = vec![0f32; n];
                 kept.representative.iter().for_each(|&i| indicator[i] = 1.0);
                 indicator
@@ -1094,8 +1092,8 @@ pub const DART_PIVOTS: usize = 4;
 /// for each pivot in turn (image pivots, then text, by decreasing norm), the candidates least similar to it
 /// (cosine of final-normed hidden states) are kept, `target − image pivots` in all, spread evenly.
 /// `normed` and `l1` cover the `n` visual rows first, then the text rows.
-pub fn dart(normed: &Matrix, l1: &[f32], n: usize, pivots: usize, target: usize) -> Assignment {
-    let m = normed.normalized();
+pub fn dart(normed: Matrix, l1: &[f32], n: usize, pivots: usize, target: usize) -> Assignment {
+    let m = normed.into_normalized();
     let image_pivots: Vec<usize> = top_desc(&l1[..n], pivots.min(target));
     let text_pivots: Vec<usize> = top_desc(&l1[n..], pivots)
         .into_iter()

@@ -67,14 +67,18 @@ impl Matrix {
 
     /// The same rows scaled to unit L2 norm (zero rows stay zero).
     pub fn normalized(&self) -> Matrix {
-        let mut data = self.data.clone();
-        for row in data.chunks_mut(self.cols.max(1)) {
+        self.clone().into_normalized()
+    }
+
+    /// [`Matrix::normalized`] in place, for a matrix that is not needed as it was.
+    pub fn into_normalized(mut self) -> Matrix {
+        for row in self.data.chunks_mut(self.cols.max(1)) {
             let norm = dot(row, row).sqrt();
             if norm > 0.0 {
                 row.iter_mut().for_each(|v| *v /= norm);
             }
         }
-        Matrix::new(self.rows, self.cols, data)
+        self
     }
 
     /// Cosine similarity of rows `i` and `j` of an already normalised matrix.

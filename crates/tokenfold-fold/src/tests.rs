@@ -292,14 +292,14 @@ fn dart_keeps_image_pivots_and_the_least_duplicated_tokens() {
     ];
     let m = Matrix::new(8, 2, data);
     let l1 = [9.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 2.0];
-    let a = dart(&m, &l1, 6, 1, 3);
+    let a = dart(m.clone(), &l1, 6, 1, 3);
     assert_eq!(a.representative, vec![0, 3, 5]);
     // A NaN hidden state (and so a NaN key norm) still gives the kept count, never a panic: its
     // similarities count as the largest, so it is not kept for being unlike a pivot.
     let mut with_nan = m.data.clone();
     with_nan[2..4].fill(f32::NAN);
     let l1_nan = [9.0, f32::NAN, 1.0, 1.0, 1.0, 1.0, 1.0, 2.0];
-    let a = dart(&Matrix::new(8, 2, with_nan), &l1_nan, 6, 1, 3);
+    let a = dart(Matrix::new(8, 2, with_nan), &l1_nan, 6, 1, 3);
     assert_eq!(a.representative.len(), 3);
     assert!(!a.representative.contains(&1), "{:?}", a.representative);
 }

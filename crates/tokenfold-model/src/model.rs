@@ -450,9 +450,9 @@ fn linear(
 }
 
 /// A bias-free projection of a layer. For inference it can hold its weight a second time, transposed to
-/// (in, out) and contiguous: gemm repacks a row-major (out, in) weight into its panel layout on every
-/// call, which for the few rows of a reduced or batch-1 prefill costs more than the multiplication, while
-/// an (in, out) weight is read in place.
+/// (in, out), contiguous and packed in column panels ([`PackedWeight`]): gemm repacks a row-major
+/// (out, in) weight on every call, which for the few rows of a reduced or batch-1 prefill costs more
+/// than the multiplication, and the panels serve products of few rows faster than gemm does.
 struct Proj {
     linear: Linear,
     transposed: Option<PackedWeight>,
@@ -594,11 +594,11 @@ impl Block {
             gate_up_transposed,
         } = &mut self.ffn
         {
+            // Gate and up are only ever read side by side: on their own they run only where gradients
+            // flow or the plain ops are asked for, where no prepared weight is used.
             let weights = [&*gate_proj, &*up_proj].map(|p| p.linear.weight().detach());
             *gate_up_transposed = Some(PackedWeight::new(&Tensor::cat(&weights, 0)?.t()?)?);
-            for proj in [gate_proj, up_proj, down_proj] {
-                proj.prepare_inference()?;
-            }
+            down_proj.prepare_inference()?;
         }
         Ok(())
     }
@@ -1059,8 +1059,9 @@ impl NativeModel {
 
     /// Keeps a transposed, contiguous copy of each dense projection (and q, k, v side by side, gate and
     /// up side by side), of the output head and of the patch embedding (with its bias and 2-D positions
-    /// summed into one table), which the forward pass then multiplies by directly (see `Proj`): gemm no
-    /// longer repacks the weights on every call, which dominated prefills of few tokens
+    /// summed into one table), each also packed in column panels ([`PackedWeight`]), which the forward
+    /// pass then multiplies by directly (see `Proj`): gemm no longer repacks the weights on every call,
+    /// which dominated prefills of few tokens, and products of up to 512 rows run over the panels
     /// (docs/performance.md).
     /// The copies are detached and go stale if the weights change: only for a model that is not trained
     /// any further. [`NativeModel::frozen`] keeps the preparation.

@@ -8,14 +8,16 @@
 //! [`PackedWeight`] keeps a weight (k, n) a second time, cut into panels of [`PANEL`] columns, each panel
 //! stored k rows of [`PANEL`] contiguous values. A product x·w of up to [`PANEL_ROWS_MAX`] rows is then
 //! computed panel by panel in an AVX2 micro-kernel: six rows by sixteen columns in twelve registers,
-//! one multiply-add per input value and column pair, the panel (16 KB for k = 256) read once from L3
-//! and then from L1 for every six rows. The same scratch program measured 1.0–1.7 ms for the 17-row
+//! one multiply-add per input value and column pair, the panel (16 KB for k = 256) read once from
+//! memory and then from cache (L1 while k ≲ 400, L2 for the down projection's 688) for every six rows. The same scratch program measured 1.0–1.7 ms for the 17-row
 //! products where gemm took 1.7–3.0 ms, and 3.9–5.9 ms for 74 rows against 5.4–7.8 (four runs).
 //!
-//! Every output is one sum over k in order, by one thread, whatever the number of rows or threads: a
-//! row's result does not depend on the rows beside it. Larger products, f64, inputs that need
-//! gradients, CPUs without AVX2 and FMA, and `TOKENFOLD_PLAIN_OPS=1` take candle's matmul with the
-//! plain (k, n) tensor.
+//! Every output is one sum over k in order, by one thread, whatever the number of rows or threads: up
+//! to [`PANEL_ROWS_MAX`] rows, a row's result does not depend on the rows beside it. Larger products,
+//! f64, CPUs without AVX2 and FMA, and `TOKENFOLD_PLAIN_OPS=1` take candle's matmul with the plain
+//! (k, n) tensor; so do inputs that need gradients in [`PackedWeight::matmul`], while
+//! [`PackedWeight::matmul_add`], which has no backward pass, refuses them as [`kernels::matmul_add`]
+//! does.
 
 use candle_core::{DType, Result, Tensor, bail};
 use rayon::prelude::*;
@@ -26,7 +28,8 @@ use crate::kernels;
 pub const PANEL: usize = 16;
 
 /// The most rows a product takes through the panels; above it gemm, whose packing pays off, runs. The
-/// scratch program's panels were ahead of gemm up to 290 rows and level at 1,202.
+/// scratch program's panels were ahead of gemm up to 290 rows and level with it, within the machine's
+/// noise, at 1,202; 512 was not measured on its own: it only needs to sit between the two.
 pub const PANEL_ROWS_MAX: usize = 512;
 
 /// Rows per micro-kernel call: six rows of two registers each keep twelve accumulators, the broadcast
@@ -96,6 +99,9 @@ impl PackedWeight {
                 self.k,
                 self.n
             );
+        }
+        if self.k == 0 {
+            return kernels::matmul_add(r, a, &self.tensor);
         }
         let a2 = a.reshape(((), self.k))?;
         match self.panels_for(&a2)? {
@@ -179,14 +185,25 @@ struct Out(*mut f32);
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
-/// x (m, k) times the packed weight (k, n), plus `add` (m, n) when given; row-major (m, n).
+/// x (m, k) times the packed weight (k, n), plus `add` (m, n) when given; row-major (m, n). `panels`
+/// exist only where [`panels_available`] holds (the micro-kernel needs AVX2 and FMA).
 fn product(
     x: &[f32],
     panels: &[f32],
     (m, k, n): (usize, usize, usize),
     add: Option<&[f32]>,
 ) -> Vec<f32> {
-    debug_assert!(x.len() == m * k && panels.len() == n.div_ceil(PANEL) * k * PANEL);
+    // The kernel's writes rely on these lengths, so they are checked in every build.
+    assert!(x.len() == m * k, "panels: {} inputs for {m} × {k}", x.len());
+    assert!(
+        panels.len() == n.div_ceil(PANEL) * k * PANEL,
+        "panels: {} packed values for {k} × {n}",
+        panels.len()
+    );
+    assert!(
+        add.is_none_or(|r| r.len() == m * n),
+        "panels: a residual that is not {m} × {n}"
+    );
     let mut out: Vec<f32> = match add {
         Some(r) => r.to_vec(),
         None => Vec::with_capacity(m * n),
@@ -218,7 +235,8 @@ fn product(
 /// Rows 0 … m of one panel: out[r·ldc + j] (+)= Σ_k x[r·k + i]·panel[i·16 + j] for j < cols.
 ///
 /// # Safety
-/// `out` must be valid for writes of m rows of `cols` values ldc apart (and reads, when `accumulate`).
+/// The CPU has AVX2 and FMA; `x` holds m × k values and `panel` k × 16; `out` must be valid for writes
+/// of m rows of `cols` values ldc apart (and reads, when `accumulate`).
 #[allow(clippy::too_many_arguments)]
 unsafe fn panel_rows(
     x: &[f32],
@@ -418,6 +436,107 @@ mod tests {
     }
 
     #[test]
+    fn products_are_right_in_pools_of_one_to_four_threads() {
+        // 3, 3 and 5 panels: job counts that do not divide them, and a partial last panel.
+        for &n in &[33usize, 40, 80] {
+            let (m, k) = (13, 24);
+            let w = tensor((k, n), n);
+            let packed = PackedWeight::new(&w).unwrap();
+            let x = tensor((m, k), n + 1);
+            let reference = x.matmul(&w).unwrap();
+            for threads in 1..=4 {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let got = pool.install(|| packed.matmul(&x).unwrap());
+                let error = relative_error(&got, &reference);
+                assert!(error < 1e-5, "n {n}, {threads} threads: error {error}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_kernel_writes_only_its_panels_columns() {
+        if !panels_available() {
+            return;
+        }
+        // w (k, 20): a full panel and one of 4 columns, written into rows 24 apart with NaN around.
+        let (m, k, n, ldc) = (8, 5, 20, 24);
+        let (w, x) = (values(k * n, 1), values(m * k, 2));
+        let panels = pack(&w, k, n);
+        for accumulate in [false, true] {
+            let mut out = vec![f32::NAN; m * ldc + PANEL];
+            if accumulate {
+                (0..m).for_each(|i| out[i * ldc..i * ldc + n].fill(1.0));
+            }
+            for p in 0..2 {
+                let cols = PANEL.min(n - p * PANEL);
+                let panel = &panels[p * k * PANEL..(p + 1) * k * PANEL];
+                // SAFETY: AVX2 and FMA are present (checked above); `out` holds m rows of ldc ≥ n
+                // values, and columns p·16 … p·16 + cols of each lie inside it.
+                unsafe {
+                    panel_rows(
+                        &x,
+                        k,
+                        panel,
+                        out.as_mut_ptr().add(p * PANEL),
+                        ldc,
+                        m,
+                        cols,
+                        accumulate,
+                    )
+                };
+            }
+            for i in 0..m {
+                for j in 0..n {
+                    let expected: f32 = (0..k).map(|l| x[i * k + l] * w[l * n + j]).sum::<f32>()
+                        + if accumulate { 1.0 } else { 0.0 };
+                    let got = out[i * ldc + j];
+                    assert!(
+                        (got - expected).abs() < 1e-5,
+                        "row {i} column {j}: {got} ≠ {expected}"
+                    );
+                }
+                assert!(
+                    out[i * ldc + n..(i + 1) * ldc].iter().all(|v| v.is_nan()),
+                    "row {i}"
+                );
+            }
+            assert!(
+                out[m * ldc..].iter().all(|v| v.is_nan()),
+                "past the last row"
+            );
+        }
+    }
+
+    #[test]
+    fn inputs_that_need_gradients_take_candles_matmul_or_are_refused() {
+        let w = tensor((6, 10), 7);
+        let packed = PackedWeight::new(&w).unwrap();
+        let x = candle_core::Var::from_tensor(&tensor((3, 6), 8)).unwrap();
+        let y = packed.matmul(x.as_tensor()).unwrap();
+        assert!(
+            y.track_op(),
+            "the product of a variable keeps its gradient graph"
+        );
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        let grad = grads.get(x.as_tensor()).expect("x receives a gradient");
+        let expected = w
+            .sum(1)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap()
+            .broadcast_as((3, 6))
+            .unwrap();
+        assert!(relative_error(grad, &expected.contiguous().unwrap()) < 1e-6);
+        let err = packed
+            .matmul_add(&tensor((3, 10), 9), x.as_tensor())
+            .unwrap_err();
+        assert!(err.to_string().contains("no backward pass"), "{err}");
+    }
+
+    #[test]
     fn a_rows_product_does_not_depend_on_the_rows_beside_it() {
         if !panels_available() {
             return;
@@ -438,7 +557,7 @@ mod tests {
     }
 
     #[test]
-    fn larger_products_other_types_and_leading_dimensions_take_candle() {
+    fn larger_products_and_f64_take_candle_and_a_residual_keeps_its_leading_dimensions() {
         let (k, n) = (8, 20);
         let w = tensor((k, n), 5);
         let packed = PackedWeight::new(&w).unwrap();

@@ -1697,14 +1697,32 @@ fn encoder_weights_take_their_learning_rate_multiplier() {
 #[test]
 fn a_model_prepared_for_inference_gives_the_same_logits_prefill_and_decode() {
     let inputs = three_length_prompts();
-    // Untied embeddings too, so that the separate output head is prepared as well.
-    for tie_embeddings in [true, false] {
-        let config = ModelConfig {
-            tie_embeddings,
+    // Untied embeddings too, so that the separate output head is prepared as well; and widths that are
+    // not multiples of the panels' 16 columns (d 24: q, k and v 72 wide, the output projection 24).
+    // Frozen models, as a loaded one is: passes through variables track gradients and never take the
+    // inference paths.
+    let narrow = ModelConfig {
+        d_model: 24,
+        n_heads: 2,
+        d_ff: 40,
+        ..tiny_config()
+    };
+    for config in [
+        tiny_config(),
+        ModelConfig {
+            tie_embeddings: false,
             ..tiny_config()
-        };
-        let plain = NativeModel::new(config.clone(), 9, &Device::Cpu).unwrap();
-        let mut prepared = NativeModel::new(config, 9, &Device::Cpu).unwrap();
+        },
+        narrow,
+    ] {
+        let plain = NativeModel::new(config.clone(), 9, &Device::Cpu)
+            .unwrap()
+            .frozen()
+            .unwrap();
+        let mut prepared = NativeModel::new(config, 9, &Device::Cpu)
+            .unwrap()
+            .frozen()
+            .unwrap();
         assert!(!prepared.is_prepared_for_inference());
         prepared.prepare_inference().unwrap();
         assert!(prepared.is_prepared_for_inference());
