@@ -42,6 +42,19 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
+/// Σ |a_i|, in eight interleaved partial sums as [`dot`] (DART's key norms, over every row of a stage).
+pub fn l1_norm(a: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let chunks = a.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().map(|x| x.abs()).sum();
+    for x in chunks {
+        for l in 0..8 {
+            lanes[l] += x[l].abs();
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
 /// A row-major matrix of `rows × cols` values: per-token feature vectors used as similarity metrics.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Matrix {

@@ -210,7 +210,7 @@ impl QueriesKeys {
         rows.iter()
             .map(|&j| {
                 (0..self.heads)
-                    .map(|h| self.key(s, h, j).iter().map(|v| v.abs()).sum::<f32>())
+                    .map(|h| crate::ops::l1_norm(self.key(s, h, j)))
                     .sum()
             })
             .collect()

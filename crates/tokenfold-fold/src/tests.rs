@@ -532,13 +532,15 @@ fn query_rows_and_received_attention_match_the_full_matrix() {
 }
 
 #[test]
-fn the_interleaved_dot_product_is_the_dot_product() {
+fn the_interleaved_dot_product_and_l1_norm_are_the_plain_ones() {
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     for n in [0usize, 1, 7, 8, 9, 31, 256] {
         let a: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
         let b: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
         let naive: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
         assert_close(ops::dot(&a, &b), naive as f32, 1e-5, "dot product");
+        let naive: f64 = a.iter().map(|x| x.abs() as f64).sum();
+        assert_close(ops::l1_norm(&a), naive as f32, 1e-5, "L1 norm");
     }
     // Unequal lengths: the shorter one counts.
     assert_eq!(ops::dot(&[1.0, 2.0, 3.0], &[4.0, 5.0]), 14.0);
