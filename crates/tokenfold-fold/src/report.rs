@@ -243,7 +243,8 @@ pub fn measure_latency(
 /// as the model's, and they take the path a prepared model's projections take (panels for few rows,
 /// gemm for many: [`tokenfold_model::panels`]). A matmul over few rows runs further from the machine's
 /// peak than one over many (every weight is read whatever the rows), which the FLOPs do not see; the two
-/// times show how much of the speed-up the rows predict the matmuls themselves keep. `None` for a mixture-of-experts model.
+/// times show how much of the speed-up the rows predict the matmuls themselves keep. `None` for a
+/// mixture-of-experts model.
 pub fn matmul_ms(
     model: &NativeModel,
     full_rows: &[usize],

@@ -9,8 +9,9 @@
 //! stored k rows of [`PANEL`] contiguous values. A product x·w of up to [`PANEL_ROWS_MAX`] rows is then
 //! computed panel by panel in an AVX2 micro-kernel: six rows by sixteen columns in twelve registers,
 //! one multiply-add per input value and column pair, the panel (16 KB for k = 256) read once from
-//! memory and then from cache (L1 while k ≲ 400, L2 for the down projection's 688) for every six rows. The same scratch program measured 1.0–1.7 ms for the 17-row
-//! products where gemm took 1.7–3.0 ms, and 3.9–5.9 ms for 74 rows against 5.4–7.8 (four runs).
+//! memory and then from cache (L1 while k ≲ 400, L2 for the down projection's 688) for every six
+//! rows. The same scratch program measured 1.0–1.7 ms for the 17-row products where gemm took
+//! 1.7–3.0 ms, and 3.9–5.9 ms for 74 rows against 5.4–7.8 (four runs).
 //!
 //! Every output is one sum over k in order, by one thread, whatever the number of rows or threads: up
 //! to [`PANEL_ROWS_MAX`] rows, a row's result does not depend on the rows beside it. Larger products,
