@@ -1193,10 +1193,8 @@ impl NativeModel {
             ) if inference_kernels(&inputs.patches) => {
                 let (b, n, p) = inputs.patches.dims3()?;
                 Some(
-                    inputs
-                        .patches
-                        .reshape((b * n, p))
-                        .and_then(|x| weight.matmul(&x))?
+                    weight
+                        .matmul(&inputs.patches.reshape((b * n, p))?)?
                         .reshape((b, n, self.config.d_model))?
                         .broadcast_add(offset)?,
                 )

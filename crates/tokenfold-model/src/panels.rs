@@ -66,17 +66,14 @@ impl PackedWeight {
         })
     }
 
-    /// The weight (k, n) as a tensor.
-    pub fn tensor(&self) -> &Tensor {
-        &self.tensor
-    }
-
     /// x·w for x (m, k).
     pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
         match self.panels_for(x)? {
             Some((panels, m)) => {
                 let x = x.contiguous()?;
-                let out = with_f32(&x, |x| Ok(product(x, panels, (m, self.k, self.n), None)))?;
+                let out = kernels::with_slice::<f32, _>(&x, |x| {
+                    Ok(product(x, panels, (m, self.k, self.n), None))
+                })?;
                 Tensor::from_vec(out, (m, self.n), x.device())
             }
             None => x.matmul(&self.tensor),
@@ -110,8 +107,10 @@ impl PackedWeight {
                 if !r.track_op() && r.dtype() == DType::F32 && r.device().is_cpu() =>
             {
                 let (a2, r) = (a2.contiguous()?, r.contiguous()?);
-                let out = with_f32(&a2, |a| {
-                    with_f32(&r, |r| Ok(product(a, panels, (m, self.k, self.n), Some(r))))
+                let out = kernels::with_slice::<f32, _>(&a2, |a| {
+                    kernels::with_slice::<f32, _>(&r, |r| {
+                        Ok(product(a, panels, (m, self.k, self.n), Some(r)))
+                    })
                 })?;
                 Tensor::from_vec(out, r.dims(), r.device())
             }
@@ -155,11 +154,6 @@ fn panels_available() -> bool {
     {
         false
     }
-}
-
-/// The slice of a contiguous f32 CPU tensor, inside a callback that holds the storage's read guard.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    kernels::with_slice::<f32, R>(t, f)
 }
 
 /// `w` (k, n, row-major) as panels: panel p holds columns p·16 … p·16 + 15 of every row in turn, the
