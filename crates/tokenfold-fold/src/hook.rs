@@ -1011,16 +1011,16 @@ pub fn tome_to(metric: &Matrix, target: usize) -> Assignment {
         let mut next_rows = Vec::with_capacity(round.len() * current.cols);
         for row in &round.rows {
             let mut members = Vec::new();
-            let mut mean = vec![0f32; current.cols];
+            let start = next_rows.len();
+            next_rows.resize(start + current.cols, 0f32);
             for &(i, _) in row {
                 members.extend(&groups[i]);
-                for (m, v) in mean.iter_mut().zip(current.row(i)) {
+                for (m, v) in next_rows[start..].iter_mut().zip(current.row(i)) {
                     *m += v / row.len() as f32;
                 }
             }
             // The representative stays the member that kept its place (the destination, listed first).
             next_groups.push(members);
-            next_rows.extend(mean);
         }
         groups = next_groups;
         current = Matrix::new(groups.len(), current.cols, next_rows);

@@ -23,6 +23,7 @@ use rand::seq::index::sample;
 /// Σ a_i·b_i over the shorter of the two, in eight interleaved partial sums: a plain iterator sum must
 /// add in order, which keeps the compiler from using SIMD, and the signals' dot products were most of a
 /// reduction stage's host time.
+#[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);

@@ -164,9 +164,11 @@ impl QueriesKeys {
                 if max == f32::NEG_INFINITY {
                     continue;
                 }
-                let total: f32 = logits.iter().map(|l| (l - max).exp()).sum();
-                for (o, l) in out.iter_mut().zip(&logits) {
-                    *o += head_weight * (l - max).exp() / total;
+                // Each exponential once, kept in place of its logit for the normalisation.
+                logits.iter_mut().for_each(|l| *l = (*l - max).exp());
+                let total: f32 = logits.iter().sum();
+                for (o, e) in out.iter_mut().zip(&logits) {
+                    *o += head_weight * e / total;
                 }
             }
         }
@@ -192,15 +194,13 @@ impl QueriesKeys {
 
     /// Keys of sample `s` at `rows`, averaged over heads: (rows, hd).
     pub fn key_metric(&self, s: usize, rows: &[usize]) -> Matrix {
-        let mut data = Vec::with_capacity(rows.len() * self.head_dim);
-        for &j in rows {
-            let mut mean = vec![0f32; self.head_dim];
+        let mut data = vec![0f32; rows.len() * self.head_dim];
+        for (mean, &j) in data.chunks_exact_mut(self.head_dim.max(1)).zip(rows) {
             for h in 0..self.heads {
                 for (m, v) in mean.iter_mut().zip(self.key(s, h, j)) {
                     *m += v / self.heads as f32;
                 }
             }
-            data.extend(mean);
         }
         Matrix::new(rows.len(), self.head_dim, data)
     }

@@ -496,7 +496,7 @@ unsafe fn exp_biased_avx2(row: &mut [f32], bias: &[f32], max: f32, scale: f32) {
 /// The CPU must support AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn swiglu_avx2(out: &mut [f32], gate: &[f32], up: &[f32]) {
+pub(crate) unsafe fn swiglu_avx2(out: &mut [f32], gate: &[f32], up: &[f32]) {
     swiglu_loop(out, gate, up);
 }
 

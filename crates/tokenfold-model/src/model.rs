@@ -852,7 +852,7 @@ impl Block {
             } => match (gate_up_transposed, &down_proj.transposed) {
                 (Some(gate_up), Some(down)) if inference_kernels(&normed) => {
                     let (b, t, d) = normed.dims3()?;
-                    let activated = swiglu_halves(&gate_up.matmul(&normed.reshape((b * t, d))?)?)?;
+                    let activated = gate_up.matmul_swiglu(&normed.reshape((b * t, d))?)?;
                     let hidden = down.matmul_add(&x, &activated.reshape((b, t, ()))?)?;
                     (hidden, None, None)
                 }

@@ -1698,7 +1698,8 @@ fn encoder_weights_take_their_learning_rate_multiplier() {
 fn a_model_prepared_for_inference_gives_the_same_logits_prefill_and_decode() {
     let inputs = three_length_prompts();
     // Untied embeddings too, so that the separate output head is prepared as well; and widths that are
-    // not multiples of the panels' 16 columns (d 24: q, k and v 72 wide, the output projection 24).
+    // not multiples of the panels' 16 columns (d 24: q, k and v 72 wide, the output projection 24; d_ff
+    // 40, whose gate and up products take the two-step SwiGLU, where tiny_config's 48 takes the fused one).
     // Frozen models, as a loaded one is: passes through variables track gradients and never take the
     // inference paths.
     let narrow = ModelConfig {
