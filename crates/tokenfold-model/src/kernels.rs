@@ -163,7 +163,7 @@ pub(crate) fn with_slice<T: WithDType, R>(
 }
 
 /// The slices of the rotary tables `cos` and `sin`, as [`with_slice`] gives one.
-fn with_tables<T: WithDType, R>(
+pub(crate) fn with_tables<T: WithDType, R>(
     (cos, sin): (&Tensor, &Tensor),
     f: impl FnOnce((&[T], &[T])) -> Result<R>,
 ) -> Result<R> {
@@ -345,7 +345,7 @@ impl candle_core::CustomOp1 for StackedAttention {
 }
 
 /// The element types the kernels run in.
-trait Real:
+pub(crate) trait Real:
     Float
     + WithDType
     + std::ops::AddAssign
@@ -1440,37 +1440,11 @@ pub fn split_heads(
 ) -> Result<Vec<Tensor>> {
     let (b, t, width) = x.dims3()?;
     let n = parts.len();
-    if n == 0 || h == 0 || !width.is_multiple_of(n * h) || !(width / (n * h)).is_multiple_of(2) {
-        bail!(
-            "split heads: a width of {width} does not hold {n} parts of {h} heads of an even size"
-        );
-    }
-    let hd = width / (n * h);
-    let tables = [rope.0, rope.1].map(|tab| tab.broadcast_as((b, 1, t, hd / 2)));
-    let [Ok(cos), Ok(sin)] = tables else {
-        bail!(
-            "split heads: rotary tables {:?} and {:?} do not broadcast to ({b}, 1, {t}, {})",
-            rope.0.dims(),
-            rope.1.dims(),
-            hd / 2
-        );
-    };
-    for part in parts {
-        if let Some(norm) = part.norm
-            && norm.elem_count() != hd
-        {
-            bail!(
-                "split heads: a norm weight of {:?} for heads of {hd}",
-                norm.dims()
-            );
-        }
-    }
-    if x.track_op() || parts.iter().any(|p| p.norm.is_some_and(Tensor::track_op)) {
+    let (hd, cos, sin) = head_layout((b, t, width), h, parts, rope, x.dtype())?;
+    if x.track_op() {
         bail!("split heads has no backward pass; inputs that need gradients take the plain ops");
     }
     let x = x.contiguous()?;
-    let cos = cos.to_dtype(x.dtype())?.contiguous()?;
-    let sin = sin.to_dtype(x.dtype())?.contiguous()?;
     let norms: Vec<Option<Tensor>> = parts
         .iter()
         .map(|p| {
@@ -1509,6 +1483,59 @@ pub fn split_heads(
     (0..n).map(|p| all.get(p)).collect()
 }
 
+/// The head size of [`split_heads`]' parts laid side by side in rows (b, t, `width`), and the rotary
+/// tables broadcast to (b, 1, t, hd/2), contiguous, in `dtype`; an error if the width does not hold the
+/// parts' heads, the tables do not broadcast, a norm weight does not fit a head or needs gradients.
+pub(crate) fn head_layout(
+    (b, t, width): (usize, usize, usize),
+    h: usize,
+    parts: &[HeadPart],
+    rope: (&Tensor, &Tensor),
+    dtype: DType,
+) -> Result<(usize, Tensor, Tensor)> {
+    let n = parts.len();
+    if n == 0 || h == 0 || !width.is_multiple_of(n * h) || !(width / (n * h)).is_multiple_of(2) {
+        bail!(
+            "split heads: a width of {width} does not hold {n} parts of {h} heads of an even size"
+        );
+    }
+    let hd = width / (n * h);
+    let (cos, sin) = broadcast_tables(rope, (b, t, hd / 2), "split heads")?;
+    for part in parts {
+        if let Some(norm) = part.norm
+            && norm.elem_count() != hd
+        {
+            bail!(
+                "split heads: a norm weight of {:?} for heads of {hd}",
+                norm.dims()
+            );
+        }
+    }
+    if parts.iter().any(|p| p.norm.is_some_and(Tensor::track_op)) {
+        bail!("split heads has no backward pass; inputs that need gradients take the plain ops");
+    }
+    let cos = cos.to_dtype(dtype)?.contiguous()?;
+    let sin = sin.to_dtype(dtype)?.contiguous()?;
+    Ok((hd, cos, sin))
+}
+
+/// The rotary tables `rope` (cos and sin) broadcast to (b, 1, t, half), or an error naming `what`.
+fn broadcast_tables(
+    rope: (&Tensor, &Tensor),
+    (b, t, half): (usize, usize, usize),
+    what: &str,
+) -> Result<(Tensor, Tensor)> {
+    let tables = [rope.0, rope.1].map(|tab| tab.broadcast_as((b, 1, t, half)));
+    let [Ok(cos), Ok(sin)] = tables else {
+        bail!(
+            "{what}: rotary tables {:?} and {:?} do not broadcast to ({b}, 1, {t}, {half})",
+            rope.0.dims(),
+            rope.1.dims(),
+        );
+    };
+    Ok((cos, sin))
+}
+
 /// For training: q, k and v projected side by side in `qkv` (b, t, 3 · h · hd) → one (3, b, h, t, hd)
 /// tensor, as [`split_heads`] computes it for the parts q, k and v: the queries and keys RMS-normed per
 /// head by `norms` (2, hd: the q weight, then the k weight) when given, and rotated by `rope` (cos and
@@ -1526,15 +1553,7 @@ pub fn qkv_heads(
         bail!("qkv heads: a width of {width} does not hold 3 parts of {h} heads of an even size");
     }
     let hd = width / (3 * h);
-    let tables = [rope.0, rope.1].map(|tab| tab.broadcast_as((b, 1, t, hd / 2)));
-    let [Ok(cos), Ok(sin)] = tables else {
-        bail!(
-            "qkv heads: rotary tables {:?} and {:?} do not broadcast to ({b}, 1, {t}, {})",
-            rope.0.dims(),
-            rope.1.dims(),
-            hd / 2
-        );
-    };
+    let (cos, sin) = broadcast_tables(rope, (b, t, hd / 2), "qkv heads")?;
     if let Some(norms) = norms
         && norms.dims() != [2, hd]
     {
@@ -1756,32 +1775,51 @@ fn split_heads_into<T: Real>(
             for ti in 0..t {
                 let row = s * t + ti;
                 let from = row * width + (p * h + head) * hd;
-                let src = &x[from..from + hd];
-                let y = &mut out[ti * hd..(ti + 1) * hd];
-                match &norms[p] {
-                    Some(w) => {
-                        let inv = inv_rms(src, eps);
-                        for ((y, &x), &w) in y.iter_mut().zip(src).zip(w) {
-                            *y = x * inv * w;
-                        }
-                    }
-                    None => y.copy_from_slice(src),
-                }
-                if rotate[p] {
-                    let (c, sn) = (
+                let rope = rotate[p].then(|| {
+                    (
                         &cos[row * half..(row + 1) * half],
                         &sin[row * half..(row + 1) * half],
-                    );
-                    let (y1, y2) = y.split_at_mut(half);
-                    for i in 0..half {
-                        let (a, z) = (y1[i], y2[i]);
-                        y1[i] = a * c[i] - z * sn[i];
-                        y2[i] = a * sn[i] + z * c[i];
-                    }
-                }
+                    )
+                });
+                head_row(
+                    &mut out[ti * hd..(ti + 1) * hd],
+                    &x[from..from + hd],
+                    norms[p].as_deref(),
+                    rope,
+                    eps,
+                );
             }
         });
     out
+}
+
+/// One head of one row as [`split_heads`] leaves it: `src` RMS-normed by `norm` (when given) into `y`, then
+/// rotated by the row's `rope` tables (cos and sin, hd/2 each; when given).
+pub(crate) fn head_row<T: Real>(
+    y: &mut [T],
+    src: &[T],
+    norm: Option<&[T]>,
+    rope: Option<(&[T], &[T])>,
+    eps: f64,
+) {
+    match norm {
+        Some(w) => {
+            let inv = inv_rms(src, eps);
+            for ((y, &x), &w) in y.iter_mut().zip(src).zip(w) {
+                *y = x * inv * w;
+            }
+        }
+        None => y.copy_from_slice(src),
+    }
+    if let Some((c, sn)) = rope {
+        let half = y.len() / 2;
+        let (y1, y2) = y.split_at_mut(half);
+        for i in 0..half {
+            let (a, z) = (y1[i], y2[i]);
+            y1[i] = a * c[i] - z * sn[i];
+            y2[i] = a * sn[i] + z * c[i];
+        }
+    }
 }
 
 /// silu(gate) · up for the gate and up projections side by side in `x` (…, 2f), gate first, giving

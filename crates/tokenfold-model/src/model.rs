@@ -616,9 +616,8 @@ impl Block {
         if let (Some(w), true) = (&self.attn.qkv_transposed, with_values) {
             let (b, t, d) = normed.dims3()?;
             let (h, hd) = (cfg.n_heads, cfg.head_dim());
-            let qkv = w.matmul(&normed.reshape((b * t, d))?)?;
             let attn = &self.attn;
-            if inference_kernels(&qkv) {
+            if inference_kernels(&normed) {
                 let parts = [
                     HeadPart {
                         norm: attn.q_norm.as_ref(),
@@ -633,14 +632,15 @@ impl Block {
                         rotate: false,
                     },
                 ];
-                let [q, k, v]: [Tensor; 3] =
-                    split_heads(&qkv.reshape((b, t, 3 * d))?, h, &parts, rope, cfg.norm_eps)?
-                        .try_into()
-                        .expect("three parts");
+                let [q, k, v]: [Tensor; 3] = w
+                    .matmul_heads(&normed, h, &parts, rope, cfg.norm_eps)?
+                    .try_into()
+                    .expect("three parts");
                 return Ok((q, k, Some(v)));
             }
             // (b·t, 3d) → (3, b, h, t, hd) in one copy; q, k and v are then contiguous slices of it.
-            let qkv = qkv
+            let qkv = w
+                .matmul(&normed.reshape((b * t, d))?)?
                 .reshape((b, t, 3, h, hd))?
                 .permute((2, 0, 3, 1, 4))?
                 .contiguous()?;
@@ -711,14 +711,24 @@ impl Block {
     ) -> Result<Tensor> {
         let (b, t, _) = normed.dims3()?;
         let (h, hd) = (cfg.n_heads, cfg.head_dim());
+        let parts = [HeadPart { norm, rotate: true }];
+        let one_part = |heads: Vec<Tensor>| {
+            heads
+                .into_iter()
+                .next()
+                .ok_or_else(|| candle_core::Error::Msg("split heads gave no part".into()))
+        };
+        // A prepared weight is detached: the product tracks no gradient where its input tracks none.
+        if let (Some(w), Some(rope)) = (&proj.transposed, rope)
+            && inference_kernels(normed)
+        {
+            return one_part(w.matmul_heads(normed, h, &parts, rope, cfg.norm_eps)?);
+        }
         let projected = proj.forward(normed)?;
         if inference_kernels(&projected)
-            && let Some((cos, sin)) = rope
+            && let Some(rope) = rope
         {
-            let part = HeadPart { norm, rotate: true };
-            return split_heads(&projected, h, &[part], (cos, sin), cfg.norm_eps)?
-                .pop()
-                .ok_or_else(|| candle_core::Error::Msg("split heads gave no part".into()));
+            return one_part(split_heads(&projected, h, &parts, rope, cfg.norm_eps)?);
         }
         let x = projected
             .reshape((b, t, h, hd))?

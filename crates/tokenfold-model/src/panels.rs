@@ -20,11 +20,18 @@
 //! [`PackedWeight::matmul_add`], which has no backward pass, refuses them as [`kernels::matmul_add`]
 //! does.
 //!
-//! [`PackedWeight::matmul_swiglu`] applies SwiGLU to the gate and up products as each tile of them is
-//! computed: the MLP's (m, 2·d_ff) product is never written, nor read back by an operation of its own.
-//! Six layers of nmm-s's gate and up products with their SwiGLU (scratch program, best of ten rounds)
-//! took 0.65 ms where the two steps took 0.74 at 17 rows, 2.34 against 2.86 ms at 74 and 10.7 against
-//! 11.0 ms at 290.
+//! Two products finish their tiles before writing them, so that their whole (m, n) result is never
+//! written, nor read back by an operation of its own; both give the two-step path's bits:
+//! - [`PackedWeight::matmul_swiglu`] applies SwiGLU to the gate and up tiles. Six layers of nmm-s's gate
+//!   and up products with their SwiGLU (scratch program, best of ten rounds) took 0.65 ms where the two
+//!   steps took 0.74 at 17 rows, 2.34 against 2.86 ms at 74 and 10.7 against 11.0 ms at 290.
+//! - [`PackedWeight::matmul_heads`] splits q, k and v into heads, QK-norms and rotates them, head by
+//!   head ([`kernels::split_heads`]' work). Six layers of nmm-s's q, k and v products with their split
+//!   (scratch program, the two ways interleaved, best of 1,500 or 300, two runs) took 120–154 µs where
+//!   the two steps took 173–257 µs for one row, 306–309 against 370–377 µs at 17 rows, and 1.16
+//!   against 1.21–1.23 ms at 74. (At 290 rows its two steps took twice as long, 9.3–9.5 ms against
+//!   4.9–5.0, which the batch-16 plans of `tokenfold bench prefill` did not bear out: see
+//!   docs/performance.md.)
 
 use candle_core::{DType, Result, Tensor, bail};
 use rayon::prelude::*;
@@ -148,6 +155,58 @@ impl PackedWeight {
             }
             _ => kernels::swiglu_halves(&self.matmul(x)?),
         }
+    }
+
+    /// x·w for x (b, t, k), where this weight is `parts` projections of h heads side by side, split into
+    /// one (b, h, t, hd) tensor per part as [`kernels::split_heads`] does it (each head RMS-normed by its
+    /// part's weight and rotated by `rope` where the part asks), with the same values. When the panels
+    /// take x and hd is a multiple of 16, each head's product is computed into a buffer of its own and
+    /// written out split, normed and rotated: the (b·t, n) product is never written, nor read back by
+    /// an operation of its own.
+    pub fn matmul_heads(
+        &self,
+        x: &Tensor,
+        h: usize,
+        parts: &[kernels::HeadPart],
+        rope: (&Tensor, &Tensor),
+        eps: f64,
+    ) -> Result<Vec<Tensor>> {
+        let (b, t, k) = x.dims3()?;
+        let x2 = x.reshape((b * t, k))?;
+        let split = |product: Tensor| {
+            kernels::split_heads(&product.reshape((b, t, self.n))?, h, parts, rope, eps)
+        };
+        let Some((panels, m)) = self.panels_for(&x2)? else {
+            return split(self.matmul(&x2)?);
+        };
+        let (hd, cos, sin) = kernels::head_layout((b, t, self.n), h, parts, rope, DType::F32)?;
+        if !hd.is_multiple_of(PANEL) || k == 0 {
+            return split(self.matmul(&x2)?);
+        }
+        let norms: Vec<Option<Vec<f32>>> = parts
+            .iter()
+            .map(|p| {
+                p.norm
+                    .map(|w| w.flatten_all()?.to_vec1::<f32>())
+                    .transpose()
+            })
+            .collect::<Result<_>>()?;
+        let rotate: Vec<bool> = parts.iter().map(|p| p.rotate).collect();
+        let x2 = x2.contiguous()?;
+        let out = kernels::with_slice::<f32, _>(&x2, |x| {
+            kernels::with_tables::<f32, _>((&cos, &sin), |tables| {
+                let heads = Heads {
+                    dims: (b, t, h, hd),
+                    tables,
+                    norms: &norms,
+                    rotate: &rotate,
+                    eps,
+                };
+                Ok(heads_product(x, panels, (m, k, self.n), &heads))
+            })
+        })?;
+        let all = Tensor::from_vec(out, (parts.len(), b, h, t, hd), x.device())?;
+        (0..parts.len()).map(|p| all.get(p)).collect()
     }
 
     /// The panels and the row count when x (m, k) takes them.
@@ -302,6 +361,98 @@ fn swiglu_product(x: &[f32], panels: &[f32], (m, k, f): (usize, usize, usize)) -
     });
     // SAFETY: every one of the m × f values was written above: each row's columns by its gate panel.
     unsafe { out.set_len(m * f) };
+    out
+}
+
+/// How [`heads_product`] lays out and finishes each head: (b, t, h, hd), the rotary tables (cos and sin,
+/// (b, t, hd/2) each), each part's norm weight and whether it rotates.
+struct Heads<'a> {
+    dims: (usize, usize, usize, usize),
+    tables: (&'a [f32], &'a [f32]),
+    norms: &'a [Option<Vec<f32>>],
+    rotate: &'a [bool],
+    eps: f64,
+}
+
+/// x (m = b·t, k) times panels packing (k, n), n = parts · h · hd with hd a multiple of 16, as one
+/// (parts, b, h, t, hd) buffer: head by head, the head's hd/16 panels into a buffer of m × hd, then each
+/// row [`kernels::head_row`]ed into place.
+fn heads_product(
+    x: &[f32],
+    panels: &[f32],
+    (m, k, n): (usize, usize, usize),
+    heads: &Heads,
+) -> Vec<f32> {
+    let (b, t, h, hd) = heads.dims;
+    let parts = heads.norms.len();
+    assert!(x.len() == m * k, "panels: {} inputs for {m} × {k}", x.len());
+    assert!(
+        m == b * t && n == parts * h * hd && hd.is_multiple_of(PANEL),
+        "panels: heads ({b}, {t}, {h}, {hd}) of {parts} parts for a product ({m}, {n})"
+    );
+    assert!(
+        panels.len() == n * k,
+        "panels: {} packed values for {k} × {n}",
+        panels.len()
+    );
+    let half = hd / 2;
+    assert!(heads.tables.0.len() == m * half && heads.tables.1.len() == m * half);
+    let mut out: Vec<f32> = Vec::with_capacity(m * n);
+    let dst = Out(out.as_mut_ptr());
+    let dst = &dst;
+    let per_head = hd / PANEL;
+    let panel = |q: usize| &panels[q * k * PANEL..(q + 1) * k * PANEL];
+    let groups = parts * h;
+    let jobs = rayon::current_num_threads().clamp(1, groups.max(1));
+    let per_job = groups.div_ceil(jobs);
+    (0..jobs).into_par_iter().for_each(|job| {
+        let end = ((job + 1) * per_job).min(groups) * per_head;
+        let (mut tile, mut y) = (vec![0f32; m * hd], vec![0f32; hd]);
+        for g in job * per_job..(end / per_head) {
+            let (p, head) = (g / h, g % h);
+            for j in 0..per_head {
+                let q = g * per_head + j;
+                let fetch = (q + 1 < end).then(|| panel(q + 1));
+                // SAFETY: the panels hold k × 16 values each and x m × k (asserted above); the tile
+                // holds m rows of hd ≥ 16·(j + 1) values.
+                unsafe {
+                    panel_rows(
+                        x,
+                        k,
+                        (panel(q), fetch),
+                        tile.as_mut_ptr().add(j * PANEL),
+                        hd,
+                        m,
+                        PANEL,
+                        false,
+                    )
+                };
+            }
+            for row in 0..m {
+                let (s, ti) = (row / t, row % t);
+                let rope = heads.rotate[p].then(|| {
+                    (
+                        &heads.tables.0[row * half..(row + 1) * half],
+                        &heads.tables.1[row * half..(row + 1) * half],
+                    )
+                });
+                kernels::head_row(
+                    &mut y,
+                    &tile[row * hd..(row + 1) * hd],
+                    heads.norms[p].as_deref(),
+                    rope,
+                    heads.eps,
+                );
+                let at = (((p * b + s) * h + head) * t + ti) * hd;
+                // SAFETY: `out` has room for m × n values; head (p, head) of row (s, ti) is written by this
+                // group alone, once.
+                unsafe { std::ptr::copy_nonoverlapping(y.as_ptr(), dst.0.add(at), hd) };
+            }
+        }
+    });
+    // SAFETY: every one of the m × n values was written above: each (part, head) group wrote its head
+    // of every row.
+    unsafe { out.set_len(m * n) };
     out
 }
 
@@ -914,6 +1065,150 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("(6, 31)"), "{err}");
+    }
+
+    /// Rotary tables (b, 1, t, hd/2) of deterministic angles.
+    fn tables(b: usize, t: usize, hd: usize) -> (Tensor, Tensor) {
+        let angles: Vec<f32> = (0..b * t * hd / 2).map(|i| i as f32 * 0.37).collect();
+        let table = |f: fn(f32) -> f32| {
+            let v: Vec<f32> = angles.iter().map(|&a| f(a)).collect();
+            Tensor::from_vec(v, (b, 1, t, hd / 2), &Device::Cpu).unwrap()
+        };
+        (table(f32::cos), table(f32::sin))
+    }
+
+    #[test]
+    fn matmul_heads_gives_split_heads_values() {
+        let mut seed = 200;
+        // hd a multiple of 16 takes the fused pass, other sizes the two steps; 520 rows take gemm.
+        for &(parts, h, hd) in &[
+            (3usize, 2usize, 16usize),
+            (3, 3, 32),
+            (1, 2, 48),
+            (1, 1, 16),
+            (3, 2, 8),
+            (1, 3, 6),
+        ] {
+            for &(b, t) in &[(1usize, 1usize), (1, 5), (1, 13), (3, 7), (2, 17), (1, 520)] {
+                seed += 1;
+                let (k, n) = (24, parts * h * hd);
+                let w = tensor((k, n), seed);
+                let packed = PackedWeight::new(&w).unwrap();
+                let x =
+                    Tensor::from_vec(values(b * t * k, seed + 1), (b, t, k), &Device::Cpu).unwrap();
+                let q_norm = tensor((1, hd), seed + 2).flatten_all().unwrap();
+                let k_norm = tensor((1, hd), seed + 3).flatten_all().unwrap();
+                let all = [
+                    kernels::HeadPart {
+                        norm: Some(&q_norm),
+                        rotate: true,
+                    },
+                    kernels::HeadPart {
+                        norm: Some(&k_norm),
+                        rotate: true,
+                    },
+                    kernels::HeadPart {
+                        norm: None,
+                        rotate: false,
+                    },
+                ];
+                let parts = &all[3 - parts..];
+                let (cos, sin) = tables(b, t, hd);
+                let got = packed
+                    .matmul_heads(&x, h, parts, (&cos, &sin), 1e-5)
+                    .unwrap();
+                let product = packed.matmul(&x.reshape((b * t, k)).unwrap()).unwrap();
+                let two_steps = kernels::split_heads(
+                    &product.reshape((b, t, n)).unwrap(),
+                    h,
+                    parts,
+                    (&cos, &sin),
+                    1e-5,
+                )
+                .unwrap();
+                let plain = kernels::split_heads(
+                    &x.matmul(&w.unsqueeze(0).unwrap().broadcast_as((b, k, n)).unwrap())
+                        .unwrap(),
+                    h,
+                    parts,
+                    (&cos, &sin),
+                    1e-5,
+                )
+                .unwrap();
+                assert_eq!(got.len(), parts.len());
+                for ((got, two_steps), plain) in got.iter().zip(&two_steps).zip(&plain) {
+                    assert_eq!(got.dims(), [b, h, t, hd]);
+                    let what = format!("{} parts, h {h}, hd {hd}, b {b}, t {t}", parts.len());
+                    assert_eq!(bits(got), bits(two_steps), "{what}");
+                    let error = relative_error(got, plain);
+                    assert!(error < 1e-5, "{what}: error {error}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_heads_is_right_in_pools_of_one_to_four_threads() {
+        // Three parts of three heads: nine head groups, which two to four jobs do not divide evenly.
+        let (b, t, k, h, hd) = (2, 9, 20, 3, 16);
+        let w = tensor((k, 3 * h * hd), 1);
+        let packed = PackedWeight::new(&w).unwrap();
+        let x = Tensor::from_vec(values(b * t * k, 2), (b, t, k), &Device::Cpu).unwrap();
+        let norm = tensor((1, hd), 3).flatten_all().unwrap();
+        let parts = [
+            kernels::HeadPart {
+                norm: Some(&norm),
+                rotate: true,
+            },
+            kernels::HeadPart {
+                norm: None,
+                rotate: true,
+            },
+            kernels::HeadPart {
+                norm: None,
+                rotate: false,
+            },
+        ];
+        let (cos, sin) = tables(1, t, hd);
+        let heads = |parts: &[kernels::HeadPart]| {
+            let all = packed
+                .matmul_heads(&x, h, parts, (&cos, &sin), 1e-5)
+                .unwrap();
+            Tensor::stack(&all, 0).unwrap()
+        };
+        let reference = heads(&parts);
+        in_pools_of_one_to_four_threads(&reference, "heads", || heads(&parts));
+    }
+
+    #[test]
+    fn matmul_heads_refuses_what_split_heads_refuses() {
+        let packed = PackedWeight::new(&tensor((8, 64), 4)).unwrap();
+        let x = Tensor::from_vec(values(3 * 8, 5), (1, 3, 8), &Device::Cpu).unwrap();
+        let (cos, sin) = tables(1, 3, 16);
+        let part = |norm| kernels::HeadPart { norm, rotate: true };
+        // 64 columns do not hold three heads of an even size.
+        let err = packed
+            .matmul_heads(&x, 3, &[part(None)], (&cos, &sin), 1e-5)
+            .unwrap_err();
+        assert!(err.to_string().contains("width of 64"), "{err}");
+        // A norm weight of 8 for heads of 16.
+        let short = tensor((1, 8), 6).flatten_all().unwrap();
+        let err = packed
+            .matmul_heads(&x, 4, &[part(Some(&short))], (&cos, &sin), 1e-5)
+            .unwrap_err();
+        assert!(err.to_string().contains("heads of 16"), "{err}");
+        // Tables for 2 rows where there are 3.
+        let (cos2, sin2) = tables(1, 2, 16);
+        let err = packed
+            .matmul_heads(&x, 4, &[part(None)], (&cos2, &sin2), 1e-5)
+            .unwrap_err();
+        assert!(err.to_string().contains("rotary tables"), "{err}");
+        // An input that needs gradients: no backward pass, as split_heads.
+        let var = candle_core::Var::from_tensor(&x).unwrap();
+        let err = packed
+            .matmul_heads(var.as_tensor(), 4, &[part(None)], (&cos, &sin), 1e-5)
+            .unwrap_err();
+        assert!(err.to_string().contains("no backward pass"), "{err}");
     }
 
     #[test]
