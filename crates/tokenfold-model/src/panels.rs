@@ -180,14 +180,14 @@ impl PackedWeight {
             return split(self.matmul(&x2)?);
         };
         let (hd, cos, sin) = kernels::head_layout((b, t, self.n), h, parts, rope, DType::F32)?;
-        if !hd.is_multiple_of(PANEL) || k == 0 {
+        if hd == 0 || !hd.is_multiple_of(PANEL) || k == 0 {
             return split(self.matmul(&x2)?);
         }
         let norms: Vec<Option<Vec<f32>>> = parts
             .iter()
             .map(|p| {
                 p.norm
-                    .map(|w| w.flatten_all()?.to_vec1::<f32>())
+                    .map(|w| w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>())
                     .transpose()
             })
             .collect::<Result<_>>()?;
@@ -989,6 +989,7 @@ mod tests {
             for &f in &[16usize, 32, 48, 8, 25] {
                 let w = tensor((k, 2 * f), seed);
                 let packed = PackedWeight::new(&w).unwrap();
+                assert_eq!(packed.panels.is_some(), panels_available());
                 for &m in &[0usize, 1, 5, 6, 7, 11, 12, 13, 17, 40, 600] {
                     seed += 1;
                     let x = tensor((m, k), seed);
@@ -1094,6 +1095,7 @@ mod tests {
                 let (k, n) = (24, parts * h * hd);
                 let w = tensor((k, n), seed);
                 let packed = PackedWeight::new(&w).unwrap();
+                assert_eq!(packed.panels.is_some(), panels_available());
                 let x =
                     Tensor::from_vec(values(b * t * k, seed + 1), (b, t, k), &Device::Cpu).unwrap();
                 let q_norm = tensor((1, hd), seed + 2).flatten_all().unwrap();
@@ -1197,6 +1199,13 @@ mod tests {
             .matmul_heads(&x, 4, &[part(Some(&short))], (&cos, &sin), 1e-5)
             .unwrap_err();
         assert!(err.to_string().contains("heads of 16"), "{err}");
+        // No columns at all: heads of size 0 take the two steps, which give empty heads.
+        let empty = PackedWeight::new(&tensor((8, 0), 7)).unwrap();
+        let (cos0, sin0) = tables(1, 3, 0);
+        let heads = empty
+            .matmul_heads(&x, 2, &[part(None)], (&cos0, &sin0), 1e-5)
+            .unwrap();
+        assert_eq!(heads[0].dims(), [1, 2, 3, 0]);
         // Tables for 2 rows where there are 3.
         let (cos2, sin2) = tables(1, 2, 16);
         let err = packed

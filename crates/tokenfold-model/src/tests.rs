@@ -1708,6 +1708,12 @@ fn a_model_prepared_for_inference_gives_the_same_logits_prefill_and_decode() {
         d_ff: 40,
         ..tiny_config()
     };
+    // Two heads of 16: the q, k and v product is split into heads as it is computed (hd a multiple of
+    // the panels' 16 columns), where tiny_config's heads of 8 take the two steps.
+    let wide_heads = ModelConfig {
+        n_heads: 2,
+        ..tiny_config()
+    };
     for config in [
         tiny_config(),
         ModelConfig {
@@ -1715,6 +1721,7 @@ fn a_model_prepared_for_inference_gives_the_same_logits_prefill_and_decode() {
             ..tiny_config()
         },
         narrow,
+        wide_heads,
     ] {
         let plain = NativeModel::new(config.clone(), 9, &Device::Cpu)
             .unwrap()
