@@ -236,7 +236,7 @@ impl PackedWeight {
 }
 
 /// Whether this CPU runs the panel kernel.
-fn panels_available() -> bool {
+pub(crate) fn panels_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         kernels::avx2_fma()
@@ -250,8 +250,16 @@ fn panels_available() -> bool {
 /// `w` (k, n, row-major) as panels: panel p holds columns p·16 … p·16 + 15 of every row in turn, the
 /// last panel padded with zeros.
 pub fn pack(w: &[f32], k: usize, n: usize) -> Vec<f32> {
+    let mut out = Vec::new();
+    pack_into(w, k, n, &mut out);
+    out
+}
+
+/// [`pack`] into `out`, reusing its allocation.
+pub(crate) fn pack_into(w: &[f32], k: usize, n: usize, out: &mut Vec<f32>) {
     let panels = n.div_ceil(PANEL);
-    let mut out = vec![0.0; panels * k * PANEL];
+    out.clear();
+    out.resize(panels * k * PANEL, 0.0);
     for (p, panel) in out
         .chunks_exact_mut((k * PANEL).max(1))
         .enumerate()
@@ -262,7 +270,72 @@ pub fn pack(w: &[f32], k: usize, n: usize) -> Vec<f32> {
             dst[..cols].copy_from_slice(&w[row * n + p * PANEL..row * n + p * PANEL + cols]);
         }
     }
-    out
+}
+
+/// The transpose (d, n) of `w` (n, d, row-major), packed as [`pack`] packs a weight of (d, n) into
+/// `out`: panel p holds, for each of the d columns of w in turn, rows p·16 … p·16 + 15 of it (zeros
+/// past n). Attention's keys, so that q·kᵀ runs through the micro-kernel.
+pub(crate) fn pack_transposed_into(w: &[f32], n: usize, d: usize, out: &mut Vec<f32>) {
+    assert!(w.len() == n * d, "panels: {} values for {n} × {d}", w.len());
+    let panels = n.div_ceil(PANEL);
+    out.clear();
+    out.resize(panels * d * PANEL, 0.0);
+    for (row, src) in w.chunks_exact(d.max(1)).enumerate().take(n) {
+        let (p, c) = (row / PANEL, row % PANEL);
+        let panel = &mut out[p * d * PANEL..(p + 1) * d * PANEL];
+        for (i, &x) in src.iter().enumerate() {
+            panel[i * PANEL + c] = x;
+        }
+    }
+}
+
+/// out[r·ldc + j] = Σ_i x[r·k + i]·panel[i·16 + j] for rows r < m and columns j < cols (≤ 16), on the
+/// calling thread: one panel of a product whose caller already runs in parallel. False, with nothing
+/// written, where the CPU has no micro-kernel.
+///
+/// # Panics
+/// When a slice is too short for the product.
+pub(crate) fn panel_product(
+    x: &[f32],
+    k: usize,
+    panel: &[f32],
+    out: &mut [f32],
+    ldc: usize,
+    m: usize,
+    cols: usize,
+) -> bool {
+    if !panels_available() {
+        return false;
+    }
+    if m == 0 || cols == 0 {
+        return true;
+    }
+    // The kernel's reads and writes rely on these lengths, so they are checked in every build.
+    assert!(
+        cols <= PANEL && cols <= ldc && x.len() >= m * k && panel.len() >= k * PANEL,
+        "panels: a product of {m} × {k} by a panel of {} values, {cols} columns",
+        panel.len()
+    );
+    assert!(
+        out.len() >= (m - 1) * ldc + cols,
+        "panels: {} outputs for {m} rows of {cols}, {ldc} apart",
+        out.len()
+    );
+    // SAFETY: the CPU has AVX2 and FMA (`panels_available`); x holds m × k values, the panel k × 16, and
+    // `out` m rows of `cols` values ldc apart (asserted above); nothing else borrows `out`.
+    unsafe {
+        panel_rows(
+            x,
+            k,
+            (&panel[..k * PANEL], None),
+            out.as_mut_ptr(),
+            ldc,
+            m,
+            cols,
+            false,
+        )
+    };
+    true
 }
 
 /// A raw output pointer handed to the pool's jobs, each of which writes its own columns.
