@@ -785,9 +785,10 @@ fn row_ranges<T: Real>(bias: &[T], tk: usize, out: &mut Vec<(usize, usize)>) {
 
 /// [`attend`] in f32 with q·kᵀ and p·v through the packed-panel micro-kernel
 /// ([`crate::panels::panel_product`]) instead of gemm, whose packing and dispatch cost more than the
-/// arithmetic at a sample's size (tens of rows, heads of 32). `ranges` holds each query row's keys
-/// ([`row_ranges`]): only those get a logit and an exponential, the others of the tile's key range
-/// weigh 0 (which their exponentials would be). The keys are packed transposed and the values packed
+/// arithmetic at a sample's size (tens of rows, heads of 32). `ranges` holds each query row's span of
+/// keys, from the first it sees to the last ([`row_ranges`]): only those get a logit and an
+/// exponential (the masked keys inside the span come out 0), the others of the tile's key range weigh
+/// 0, which their exponentials would be. The keys are packed transposed and the values packed
 /// once for all query tiles; a tile's key range is widened to whole panels of keys. The rows are divided
 /// by their sums after p·v (d values a row) rather than before (one per key). False, with nothing
 /// written, where the CPU has no micro-kernel.
@@ -868,7 +869,8 @@ unsafe fn attend_panels_avx2(
         for j in first..end {
             let panel = &keys[j * d * PANEL..(j + 1) * d * PANEL];
             let cols = PANEL.min(hi - j * PANEL);
-            panel_product(q_tile, d, panel, &mut p[j * PANEL - lo..], n, rows, cols);
+            let done = panel_product(q_tile, d, panel, &mut p[j * PANEL - lo..], n, rows, cols);
+            debug_assert!(done, "the caller checked for the micro-kernel");
         }
         for (r, &(a, b)) in tile_ranges.iter().enumerate() {
             let row = &mut p[r * n..(r + 1) * n];
@@ -888,7 +890,8 @@ unsafe fn attend_panels_avx2(
         for j in 0..d.div_ceil(PANEL) {
             let panel = &values[(j * tk + lo) * PANEL..(j * tk + hi) * PANEL];
             let cols = PANEL.min(d - j * PANEL);
-            panel_product(p, n, panel, &mut o_tile[j * PANEL..], d, rows, cols);
+            let done = panel_product(p, n, panel, &mut o_tile[j * PANEL..], d, rows, cols);
+            debug_assert!(done, "the caller checked for the micro-kernel");
         }
         for (o, &(_, sum)) in o_tile.chunks_exact_mut(d).zip(&lse[r0..r0 + rows]) {
             let inv = (sum as f32).recip();
@@ -2497,12 +2500,17 @@ mod dispatch_tests {
             &'static [usize],
             &'static [usize],
         );
-        let cases: [Case; 6] = [
+        // Keys 0 to 19 masked for every row: the tiles' key ranges start past the first panel.
+        const FIRST_20: [usize; 20] = [
+            0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19,
+        ];
+        let cases: [Case; 7] = [
             (1, 0..0, &[], &[]),
             (5, 1..4, &[], &[]),
             (13, 2..9, &[3], &[]),
             (17, 0..0, &[0, 16], &[4]),
             (40, 3..19, &[], &[0, 39]),
+            (45, 22..30, &FIRST_20, &[]),
             (75, 1..65, &[20, 21, 70], &[]),
         ];
         for d in [8, 16, 24, 32, 40] {
@@ -2541,6 +2549,11 @@ mod dispatch_tests {
                     scale,
                     (&mut want, &mut want_lse),
                     &mut Vec::new(),
+                );
+                // Every output written, and finite (NaN would slip through the maximum below).
+                assert!(
+                    out.iter().all(|x| x.is_finite()),
+                    "d {d}, {len} rows: an output left unwritten or not finite"
                 );
                 let top = want.iter().fold(0f32, |m, x| m.max(x.abs()));
                 let error = out
