@@ -258,8 +258,7 @@ pub fn pack(w: &[f32], k: usize, n: usize) -> Vec<f32> {
 /// [`pack`] into `out`, reusing its allocation.
 pub(crate) fn pack_into(w: &[f32], k: usize, n: usize, out: &mut Vec<f32>) {
     let panels = n.div_ceil(PANEL);
-    out.clear();
-    out.resize(panels * k * PANEL, 0.0);
+    resize_for_overwrite(out, panels * k * PANEL);
     for (p, panel) in out
         .chunks_exact_mut((k * PANEL).max(1))
         .enumerate()
@@ -268,7 +267,18 @@ pub(crate) fn pack_into(w: &[f32], k: usize, n: usize, out: &mut Vec<f32>) {
         let cols = PANEL.min(n - p * PANEL);
         for (row, dst) in panel.chunks_exact_mut(PANEL).enumerate() {
             dst[..cols].copy_from_slice(&w[row * n + p * PANEL..row * n + p * PANEL + cols]);
+            dst[cols..].fill(0.0);
         }
+    }
+}
+
+/// `out` at `len` values, which the caller then writes every one of: a reused buffer is not zeroed
+/// first (attention packs its keys and values once per sample and head).
+fn resize_for_overwrite(out: &mut Vec<f32>, len: usize) {
+    if out.len() < len {
+        out.resize(len, 0.0);
+    } else {
+        out.truncate(len);
     }
 }
 
@@ -278,13 +288,19 @@ pub(crate) fn pack_into(w: &[f32], k: usize, n: usize, out: &mut Vec<f32>) {
 pub(crate) fn pack_transposed_into(w: &[f32], n: usize, d: usize, out: &mut Vec<f32>) {
     assert!(w.len() == n * d, "panels: {} values for {n} × {d}", w.len());
     let panels = n.div_ceil(PANEL);
-    out.clear();
-    out.resize(panels * d * PANEL, 0.0);
+    resize_for_overwrite(out, panels * d * PANEL);
     for (row, src) in w.chunks_exact(d.max(1)).enumerate().take(n) {
         let (p, c) = (row / PANEL, row % PANEL);
         let panel = &mut out[p * d * PANEL..(p + 1) * d * PANEL];
         for (i, &x) in src.iter().enumerate() {
             panel[i * PANEL + c] = x;
+        }
+    }
+    // The last panel's columns past n.
+    if !n.is_multiple_of(PANEL) {
+        let (p, c) = (n / PANEL, n % PANEL);
+        for step in out[p * d * PANEL..(p + 1) * d * PANEL].chunks_exact_mut(PANEL) {
+            step[c..].fill(0.0);
         }
     }
 }
@@ -809,6 +825,37 @@ mod tests {
         assert_eq!(&packed[3 * PANEL..3 * PANEL + 2], &[34.0, 35.0]);
         assert!(packed[2 * PANEL + 2..3 * PANEL].iter().all(|&v| v == 0.0));
         assert!(packed[3 * PANEL + 2..].iter().all(|&v| v == 0.0));
+    }
+
+    #[test]
+    fn packing_into_a_used_buffer_gives_a_fresh_packing() {
+        // w (18, 3): its transpose (3, 18) packs into two panels, the second holding rows 16 and 17
+        // of w and fourteen zeros per column.
+        let w: Vec<f32> = (0..54).map(|v| v as f32).collect();
+        let mut transposed = Vec::new();
+        pack_transposed_into(&w, 18, 3, &mut transposed);
+        let mut t = vec![0f32; 3 * 18];
+        for (row, src) in w.chunks_exact(3).enumerate() {
+            for (col, &x) in src.iter().enumerate() {
+                t[col * 18 + row] = x;
+            }
+        }
+        assert_eq!(transposed, pack(&t, 3, 18));
+        assert_eq!(&transposed[..PANEL], &t[..16]);
+        assert!(
+            transposed[3 * PANEL + 2..4 * PANEL]
+                .iter()
+                .all(|&v| v == 0.0)
+        );
+        // Into buffers left longer and shorter by other packings, padding included, not zeroed first.
+        for len in [0, 40, 500] {
+            let mut used = vec![f32::NAN; len];
+            pack_transposed_into(&w, 18, 3, &mut used);
+            assert_eq!(used, transposed, "transposed, from {len} values");
+            let mut used = vec![f32::NAN; len];
+            pack_into(&w, 18, 3, &mut used);
+            assert_eq!(used, pack(&w, 18, 3), "packed, from {len} values");
+        }
     }
 
     #[test]
