@@ -64,8 +64,70 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) 
         );
     }
     let op = FusedAttention::new(bias, (b, h, tq, tk), q.dtype(), scale)?;
+    // Without gradients (inference: a padded prefill, a decoding step), no backward pass will ask for
+    // the rows' statistics, and the panels' micro-kernel can take the products.
+    if ![q, k, v].iter().any(|x| x.track_op()) && tq > 0 && tk > 0 && d > 0 {
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        let dims = op.dims((b, h, tq, tk, d));
+        macro_rules! run {
+            ($t:ty) => {{
+                let out = with_slice::<$t, _>(&q, |q| {
+                    with_slice::<$t, _>(&k, |k| {
+                        with_slice::<$t, _>(&v, |v| {
+                            with_slice::<$t, _>(&op.bias, |bias| {
+                                Ok(inference_forward(dims, q, k, v, bias, scale))
+                            })
+                        })
+                    })
+                })?;
+                Tensor::from_vec(out, (b, h, tq, d), q.device())
+            }};
+        }
+        return match q.dtype() {
+            DType::F32 => run!(f32),
+            DType::F64 => run!(f64),
+            dtype => bail!("fused attention supports f32 and f64, not {dtype:?}"),
+        };
+    }
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+/// [`forward`] for inference: the same outputs, each head through [`attend_panels`] (or [`attend`]
+/// where the CPU has no micro-kernel, and in f64), each query row's keys found once per bias block
+/// (sample, and head where the bias has one per head) for all heads sharing it. No statistics are kept:
+/// nothing will ask for a backward pass.
+fn inference_forward<T: Real>(
+    dims: Dims,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    bias: &[T],
+    scale: f64,
+) -> Vec<T> {
+    let Dims { tq, tk, d, .. } = dims;
+    let block = tq * tk;
+    let mut ranges = Vec::with_capacity(dims.b * dims.bias_heads * tq);
+    for rows in bias.chunks_exact(block) {
+        row_ranges(rows, tk, &mut ranges);
+    }
+    let mut out = vec![T::zero(); dims.b * dims.h * tq * d];
+    out.par_chunks_mut(tq * d)
+        .enumerate()
+        .for_each(|(bh, out)| {
+            let at = dims.bias_offset(bh);
+            let (bias, ranges) = (&bias[at..at + block], &ranges[at / tk..at / tk + tq]);
+            let (q, k, v) = (
+                &q[bh * tq * d..(bh + 1) * tq * d],
+                &k[bh * tk * d..(bh + 1) * tk * d],
+                &v[bh * tk * d..(bh + 1) * tk * d],
+            );
+            let mut lse = vec![(0.0, 0.0); tq];
+            let mut scratch = Default::default();
+            let inputs = (q, k, v, bias, ranges);
+            attend_inference((tq, tk, d), inputs, scale, (out, &mut lse), &mut scratch);
+        });
+    out
 }
 
 /// [`attention`] over queries, keys and values stacked in one tensor, `heads` (3, b, h, t, d), as
@@ -900,6 +962,42 @@ unsafe fn attend_panels_avx2(
     }
 }
 
+/// The inputs of one head's attention: q, k, v, the bias and each query row's keys ([`row_ranges`]).
+type HeadInputs<'a, T> = (&'a [T], &'a [T], &'a [T], &'a [T], &'a [(usize, usize)]);
+
+/// One head's attention where no backward pass will follow: [`attend_panels`] where the type and the
+/// CPU allow it, [`attend`] otherwise.
+fn attend_inference<T: Real>(
+    dims: (usize, usize, usize),
+    (q, k, v, bias, ranges): HeadInputs<T>,
+    scale: f64,
+    out: (&mut [T], &mut [(f64, f64)]),
+    scratch: &mut [Vec<T>; 3],
+) {
+    let (out, lse) = out;
+    if !T::attend_panels(
+        dims,
+        q,
+        k,
+        v,
+        (bias, ranges),
+        real(scale),
+        (out, lse),
+        scratch,
+    ) {
+        attend(
+            dims,
+            q,
+            k,
+            v,
+            bias,
+            real(scale),
+            (out, lse),
+            &mut scratch[0],
+        );
+    }
+}
+
 /// The samples of a packed batch: rows laid end to end without padding, each sample attending only to
 /// its own rows.
 #[derive(Debug, Clone, Default)]
@@ -1027,29 +1125,8 @@ fn segment_forward<T: Real>(
                 let (q, k, v) = (&q[span.clone()], &k[span.clone()], &v[span.clone()]);
                 let bias = &bias[bias_at..bias_at + len * len];
                 let out = &mut out[span];
-                let ranges = &ranges[start..start + len];
-                let dims = (len, len, d);
-                if !T::attend_panels(
-                    dims,
-                    q,
-                    k,
-                    v,
-                    (bias, ranges),
-                    real(scale),
-                    (out, &mut lse),
-                    &mut scratch,
-                ) {
-                    attend(
-                        dims,
-                        q,
-                        k,
-                        v,
-                        bias,
-                        real(scale),
-                        (out, &mut lse),
-                        &mut scratch[0],
-                    );
-                }
+                let inputs = (q, k, v, bias, &ranges[start..start + len]);
+                attend_inference((len, len, d), inputs, scale, (out, &mut lse), &mut scratch);
                 bias_at += len * len;
             }
         });

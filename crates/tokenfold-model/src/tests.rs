@@ -412,6 +412,16 @@ fn fused_attention_matches_the_plain_ops_in_values_and_gradients() {
                 ops::attention_plain(&x[0], &x[1], &x[2], bias)
             }
         });
+        // Inputs that need no gradient take the inference path (the panels, where the CPU has them).
+        let [q, k, v] = &inputs;
+        let inference = crate::kernels::attention(q, k, v, bias, scale).unwrap();
+        let values: Vec<f32> = inference.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(values.iter().all(|x| x.is_finite()), "{name}: not finite");
+        let error = relative_error(&inference, &ops::attention_plain(q, k, v, bias).unwrap());
+        assert!(
+            error < 1e-5,
+            "{name} without gradients: differs by {error:.2e}"
+        );
     }
 }
 
