@@ -437,15 +437,11 @@ pub(crate) trait Real:
     }
     /// [`attend`] with its two products in the packed-panel micro-kernel ([`attend_panels`]) where
     /// the type and the CPU allow it; false, with nothing written, elsewhere.
-    #[allow(clippy::too_many_arguments)]
     fn attend_panels(
         _dims: (usize, usize, usize),
-        _q: &[Self],
-        _k: &[Self],
-        _v: &[Self],
-        _bias: (&[Self], &[(usize, usize)]),
+        _inputs: HeadInputs<Self>,
         _scale: Self,
-        _out: (&mut [Self], &mut [(f64, f64)]),
+        _out: HeadOutputs<Self>,
         _scratch: &mut [Vec<Self>; 3],
     ) -> bool {
         false
@@ -487,15 +483,12 @@ impl Real for f32 {
     }
     fn attend_panels(
         dims: (usize, usize, usize),
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        bias: (&[f32], &[(usize, usize)]),
+        inputs: HeadInputs<f32>,
         scale: f32,
-        out: (&mut [f32], &mut [(f64, f64)]),
+        out: HeadOutputs<f32>,
         scratch: &mut [Vec<f32>; 3],
     ) -> bool {
-        attend_panels(dims, q, k, v, bias, scale, out, scratch)
+        attend_panels(dims, inputs, scale, out, scratch)
     }
     fn swiglu_into(out: &mut [f32], gate: &[f32], up: &[f32]) {
         #[cfg(target_arch = "x86_64")]
@@ -854,36 +847,21 @@ fn row_ranges<T: Real>(bias: &[T], tk: usize, out: &mut Vec<(usize, usize)>) {
 /// once for all query tiles; a tile's key range is widened to whole panels of keys. The rows are divided
 /// by their sums after p·v (d values a row) rather than before (one per key). False, with nothing
 /// written, where the CPU has no micro-kernel.
-#[allow(clippy::too_many_arguments)]
 fn attend_panels(
-    (tq, tk, d): (usize, usize, usize),
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    (bias, ranges): (&[f32], &[(usize, usize)]),
+    dims: (usize, usize, usize),
+    inputs: HeadInputs<f32>,
     scale: f32,
-    (out, lse): (&mut [f32], &mut [(f64, f64)]),
+    out: HeadOutputs<f32>,
     scratch: &mut [Vec<f32>; 3],
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     if crate::panels::panels_available() {
         // SAFETY: the CPU has AVX2 and FMA (checked at run time).
-        unsafe {
-            attend_panels_avx2(
-                (tq, tk, d),
-                q,
-                k,
-                v,
-                (bias, ranges),
-                scale,
-                (out, lse),
-                scratch,
-            )
-        };
+        unsafe { attend_panels_avx2(dims, inputs, scale, out, scratch) };
         return true;
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (tq, tk, d, q, k, v, bias, ranges, scale, out, lse, scratch);
+    let _ = (dims, inputs, scale, out, scratch);
     false
 }
 
@@ -893,15 +871,11 @@ fn attend_panels(
 /// The CPU must support AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn attend_panels_avx2(
     (tq, tk, d): (usize, usize, usize),
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    (bias, ranges): (&[f32], &[(usize, usize)]),
+    (q, k, v, bias, ranges): HeadInputs<f32>,
     scale: f32,
-    (out, lse): (&mut [f32], &mut [(f64, f64)]),
+    (out, lse): HeadOutputs<f32>,
     [scores, keys, values]: &mut [Vec<f32>; 3],
 ) {
     use crate::panels::{PANEL, pack_into, pack_transposed_into, panel_product};
@@ -965,26 +939,20 @@ unsafe fn attend_panels_avx2(
 /// The inputs of one head's attention: q, k, v, the bias and each query row's keys ([`row_ranges`]).
 type HeadInputs<'a, T> = (&'a [T], &'a [T], &'a [T], &'a [T], &'a [(usize, usize)]);
 
+/// The outputs of one head's attention: its rows, and each row's maximum logit and sum of exponentials.
+type HeadOutputs<'a, T> = (&'a mut [T], &'a mut [(f64, f64)]);
+
 /// One head's attention where no backward pass will follow: [`attend_panels`] where the type and the
 /// CPU allow it, [`attend`] otherwise.
 fn attend_inference<T: Real>(
     dims: (usize, usize, usize),
-    (q, k, v, bias, ranges): HeadInputs<T>,
+    inputs: HeadInputs<T>,
     scale: f64,
-    out: (&mut [T], &mut [(f64, f64)]),
+    (out, lse): HeadOutputs<T>,
     scratch: &mut [Vec<T>; 3],
 ) {
-    let (out, lse) = out;
-    if !T::attend_panels(
-        dims,
-        q,
-        k,
-        v,
-        (bias, ranges),
-        real(scale),
-        (out, lse),
-        scratch,
-    ) {
+    if !T::attend_panels(dims, inputs, real(scale), (out, lse), scratch) {
+        let (q, k, v, bias, _) = inputs;
         attend(
             dims,
             q,
@@ -2552,16 +2520,15 @@ mod dispatch_tests {
     fn panel_attention_gives_the_gemm_attention_values() {
         if !crate::panels::panels_available() {
             let mut scratch = Default::default();
-            let done = attend_panels(
-                (1, 1, 16),
-                &[0.0; 16],
-                &[0.0; 16],
-                &[0.0; 16],
-                (&[0.0], &[(0, 1)]),
-                1.0,
-                (&mut [0.0; 16], &mut [(0.0, 0.0)]),
-                &mut scratch,
+            let inputs = (
+                &[0.0; 16][..],
+                &[0.0; 16][..],
+                &[0.0; 16][..],
+                &[0.0][..],
+                &[(0, 1)][..],
             );
+            let out = (&mut [0.0; 16][..], &mut [(0.0, 0.0)][..]);
+            let done = attend_panels((1, 1, 16), inputs, 1.0, out, &mut scratch);
             assert!(
                 !done,
                 "panel attention ran on a CPU without the micro-kernel"
@@ -2605,12 +2572,10 @@ mod dispatch_tests {
                 let scale = 1.0 / (d as f32).sqrt();
                 let (mut out, mut lse) = (vec![f32::NAN; n], vec![(0.0, 0.0); len]);
                 let mut scratch = Default::default();
+                let inputs = (&q[..], &k[..], &v[..], &bias[..], &ranges[..]);
                 let done = attend_panels(
                     (len, len, d),
-                    &q,
-                    &k,
-                    &v,
-                    (&bias, &ranges),
+                    inputs,
                     scale,
                     (&mut out, &mut lse),
                     &mut scratch,
