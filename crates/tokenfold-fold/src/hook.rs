@@ -20,7 +20,7 @@ use tokenfold_model::{LayerHook, NativeModel, SeqState, kernels};
 
 use crate::ops::{self, Assignment, Matrix};
 use crate::plan::{Method, Plan, Stage};
-use crate::signals::{HeadReduce, QueriesKeys, RowLayout};
+use crate::signals::{HeadReduce, HostValues, QueriesKeys, RowLayout};
 use crate::unified::{self, Signal};
 
 /// Where each sample's image and prompt are, read from the sequence at layer 0.
@@ -224,7 +224,8 @@ impl<'a> FoldHook<'a> {
     /// tokens of V·Tᵀ; the raters are the text tokens with m above its mean.
     fn choose_raters(&mut self, state: &SeqState) -> Result<()> {
         let (b, t) = (state.batch(), state.len());
-        let hidden: Vec<f32> = state.hidden.flatten_all()?.to_vec1()?;
+        let hidden = HostValues::of(&state.hidden)?;
+        let hidden = hidden.as_slice();
         let d = hidden.len() / (b * t).max(1);
         let layouts = &self.layouts;
         // Samples are independent; each one's dot products are the bulk of the work.
@@ -304,19 +305,31 @@ impl<'a> FoldHook<'a> {
             }
             (_, method) => !matches!(method, Method::Pool | Method::Random),
         };
-        let qk = if !needs_qk {
-            None
+        // The layer's queries and keys, and the rows whose queries were computed (all of them for the
+        // previous layer's): read in place below, not copied.
+        let (keys, queries, query_rows) = if !needs_qk {
+            (None, None, None)
         } else if stage.uses_previous_layer() && layer > 0 {
             let (q, k) = state.captured.take().ok_or_else(|| {
                 candle_core::Error::Msg(format!(
                     "stage at layer {layer}: the previous layer's keys were not captured"
                 ))
             })?;
-            Some(QueriesKeys::from_tensors(&q, &k)?)
+            (Some(k), Some(q), None)
         } else {
             let rows = self.query_rows(stage, state);
             let (k, q) = self.model.layer_keys_and_queries_at(layer, state, &rows)?;
-            Some(QueriesKeys::from_keys_and_rows(&k, q.as_ref(), &rows)?)
+            (Some(k), q, Some(rows))
+        };
+        let keys = keys.as_ref().map(HostValues::of).transpose()?;
+        let queries = queries.as_ref().map(HostValues::of).transpose()?;
+        let qk = match (&keys, &queries, &query_rows) {
+            (None, _, _) => None,
+            (Some(k), Some(q), None) => Some(QueriesKeys::at_every_row(q, k)?),
+            (Some(k), q, Some(rows)) => Some(QueriesKeys::at_rows(k, q.as_ref(), rows)?),
+            (Some(_), None, None) => {
+                candle_core::bail!("stage at layer {layer}: keys without queries")
+            }
         };
         // DART compares final-normed hidden states.
         let needs_normed = stage.method == Method::Dart
@@ -324,16 +337,10 @@ impl<'a> FoldHook<'a> {
                 .operator
                 .as_ref()
                 .is_some_and(|op| op.uses(Signal::Duplication));
-        let normed: Option<Vec<f32>> = if needs_normed {
-            Some(
-                self.model
-                    .final_norm(&state.hidden)?
-                    .flatten_all()?
-                    .to_vec1()?,
-            )
-        } else {
-            None
-        };
+        let normed = needs_normed
+            .then(|| self.model.final_norm(&state.hidden))
+            .transpose()?;
+        let normed = normed.as_ref().map(HostValues::of).transpose()?;
         let b = state.batch();
         let key_bias = host_key_bias(state)?;
         // Samples are independent: each one's assignment and new rows are found in parallel, then the
@@ -351,7 +358,7 @@ impl<'a> FoldHook<'a> {
                     let inputs = StageInputs {
                         s,
                         qk: qk.as_ref(),
-                        normed: normed.as_deref().map(|n| sample_rows(n, state, s)),
+                        normed: normed.as_ref().map(|n| sample_rows(n.as_slice(), state, s)),
                         layout: &layout,
                         visual: &visual,
                     };
@@ -634,16 +641,11 @@ impl<'a> FoldHook<'a> {
         pivots: usize,
     ) -> Result<Vec<SampleSignals>> {
         let b = state.batch();
-        let normed: Option<Vec<f32>> = if signals.contains(&Signal::Duplication) {
-            Some(
-                self.model
-                    .final_norm(&state.hidden)?
-                    .flatten_all()?
-                    .to_vec1()?,
-            )
-        } else {
-            None
-        };
+        let normed = signals
+            .contains(&Signal::Duplication)
+            .then(|| self.model.final_norm(&state.hidden))
+            .transpose()?;
+        let normed = normed.as_ref().map(HostValues::of).transpose()?;
         let key_bias = host_key_bias(state)?;
         (0..b)
             .map(|s| {
@@ -659,7 +661,7 @@ impl<'a> FoldHook<'a> {
                 let inputs = StageInputs {
                     s,
                     qk: Some(qk),
-                    normed: normed.as_deref().map(|n| sample_rows(n, state, s)),
+                    normed: normed.as_ref().map(|n| sample_rows(n.as_slice(), state, s)),
                     layout: &layout,
                     visual: &visual,
                 };
@@ -897,7 +899,7 @@ impl NewRow {
 #[derive(Clone, Copy)]
 struct StageInputs<'a> {
     s: usize,
-    qk: Option<&'a QueriesKeys>,
+    qk: Option<&'a QueriesKeys<'a>>,
     /// The sample's final-normed hidden states, (t, d) row-major.
     normed: Option<&'a [f32]>,
     layout: &'a RowLayout<'a>,

@@ -2,7 +2,7 @@
 //! matrix; plan validation; budget fitting; plans inside a tiny random model (measured budget equals the
 //! plan's, batch > 1 equals batch 1, KV-cache decoding equals recomputation).
 
-use candle_core::{D, Device, IndexOp, Tensor};
+use candle_core::{D, DType, Device, IndexOp, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokenfold_model::config::{ModelConfig, Shape};
@@ -14,7 +14,7 @@ use crate::hook::{
 };
 use crate::ops::{self, Assignment, Matrix};
 use crate::plan::{Method, Plan, Stage};
-use crate::signals::{HeadReduce, QueriesKeys, RowLayout};
+use crate::signals::{HeadReduce, HostValues, QueriesKeys, RowLayout};
 
 fn random_matrix(rows: usize, cols: usize, seed: u64) -> Matrix {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -529,6 +529,69 @@ fn query_rows_and_received_attention_match_the_full_matrix() {
     assert_eq!(keys_only.key_l1(0, &[2]), l1);
     assert!(QueriesKeys::from_keys_and_rows(&k, None, &[3]).is_err());
     assert!(QueriesKeys::from_keys_and_rows(&k, Some(&picked), &[7, 5, 6, 99]).is_err());
+}
+
+#[test]
+fn host_values_read_a_tensor_in_place_or_copy_it() {
+    let values: Vec<f32> = (0..2 * 3 * 4 * 2).map(|i| i as f32 * 0.5 - 3.0).collect();
+    let k = Tensor::from_vec(values.clone(), (2, 3, 4, 2), &Device::Cpu).unwrap();
+    let whole = HostValues::of(&k).unwrap();
+    assert!(whole.in_place());
+    assert_eq!(whole.as_slice(), values.as_slice());
+    assert_eq!(whole.dims(), [2, 3, 4, 2]);
+    // A contiguous part that starts inside the storage: read in place, from its offset.
+    let second = k.narrow(0, 1, 1).unwrap();
+    let part = HostValues::of(&second).unwrap();
+    assert!(part.in_place());
+    assert_eq!(part.as_slice(), &values[24..]);
+    // Not contiguous, or not f32: copied, in row-major order, as f32.
+    let transposed = k.transpose(2, 3).unwrap();
+    let copied = HostValues::of(&transposed).unwrap();
+    assert!(!copied.in_place());
+    let expected: Vec<f32> = transposed.flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(copied.as_slice(), expected.as_slice());
+    let wide = k.to_dtype(DType::F64).unwrap();
+    let converted = HostValues::of(&wide).unwrap();
+    assert!(!converted.in_place());
+    assert_eq!(converted.as_slice(), values.as_slice());
+
+    // Queries and keys read in place give what the copying constructors give.
+    let owned = QueriesKeys::from_tensors(&k, &k).unwrap();
+    let borrowed = QueriesKeys::at_every_row(&whole, &whole).unwrap();
+    let layout_rows: Vec<u32> = (0..4).collect();
+    let layout = RowLayout {
+        positions: &layout_rows,
+        is_image: &[false, true, true, false],
+        valid: &[true; 4],
+        key_bias: None,
+    };
+    for s in 0..2 {
+        assert_eq!(
+            borrowed
+                .query_attention(s, &layout, &[3], HeadReduce::Mean)
+                .unwrap(),
+            owned
+                .query_attention(s, &layout, &[3], HeadReduce::Mean)
+                .unwrap()
+        );
+        assert_eq!(
+            borrowed.key_metric(s, &[1, 2]),
+            owned.key_metric(s, &[1, 2])
+        );
+    }
+    let flat = k.flatten_all().unwrap();
+    let flat = HostValues::of(&flat).unwrap();
+    let err = QueriesKeys::at_rows(&flat, None, &[])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("keys of shape [48]"), "{err}");
+    let err = QueriesKeys::at_every_row(&whole, &part)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("keys of shape [1, 3, 4, 2], queries [2, 3, 4, 2]"),
+        "{err}"
+    );
 }
 
 #[test]
