@@ -51,6 +51,10 @@ impl RowLayout<'_> {
 /// The values of a tensor on the host, row-major: read in place from a contiguous f32 tensor on the CPU
 /// (its storage's read lock held while this lives), copied from any other. A reduction stage reads the
 /// keys of every row of its layer, 1.3 MB at batch 16 for nmm-s; copying them out took 30–90 µs.
+///
+/// While one lives, nothing may write into its tensor's storage (candle's in-place setters, a `Var`'s
+/// `set`): the writer would wait on the read lock. The reduction only reads the tensors it holds. Values
+/// of another dtype are converted to f32 (keys in f64 are read as f32).
 pub struct HostValues<'t> {
     dims: Vec<usize>,
     held: Held<'t>,
