@@ -122,15 +122,8 @@ pub struct QueriesKeys<'a> {
 impl QueriesKeys<'static> {
     /// From queries and keys (b, h, t, hd) at every row.
     pub fn from_tensors(q: &Tensor, k: &Tensor) -> Result<QueriesKeys<'static>> {
-        let (_, heads, len, head_dim) = q.dims4()?;
-        Ok(QueriesKeys {
-            q: Cow::Owned(q.flatten_all()?.to_vec1()?),
-            query_slot: None,
-            k: Cow::Owned(k.flatten_all()?.to_vec1()?),
-            heads,
-            len,
-            head_dim,
-        })
+        let (q, k) = (HostValues::of(q)?, HostValues::of(k)?);
+        Ok(QueriesKeys::at_every_row(&q, &k)?.into_owned())
     }
 
     /// From keys (b, h, t, hd) and the queries (1, h, n, hd) at the flat rows `query_rows` (s·t + j), as
@@ -142,12 +135,7 @@ impl QueriesKeys<'static> {
     ) -> Result<QueriesKeys<'static>> {
         let k = HostValues::of(k)?;
         let q = q.map(HostValues::of).transpose()?;
-        let borrowed = QueriesKeys::at_rows(&k, q.as_ref(), query_rows)?;
-        Ok(QueriesKeys {
-            q: Cow::Owned(borrowed.q.into_owned()),
-            k: Cow::Owned(borrowed.k.into_owned()),
-            ..borrowed
-        })
+        Ok(QueriesKeys::at_rows(&k, q.as_ref(), query_rows)?.into_owned())
     }
 }
 
@@ -166,6 +154,18 @@ impl<'a> QueriesKeys<'a> {
             len,
             head_dim,
         })
+    }
+
+    /// The same queries and keys, copied out of what they borrow.
+    fn into_owned(self) -> QueriesKeys<'static> {
+        QueriesKeys {
+            q: Cow::Owned(self.q.into_owned()),
+            k: Cow::Owned(self.k.into_owned()),
+            query_slot: self.query_slot,
+            heads: self.heads,
+            len: self.len,
+            head_dim: self.head_dim,
+        }
     }
 
     /// [`QueriesKeys::from_keys_and_rows`] reading the values in place.
