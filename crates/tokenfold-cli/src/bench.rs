@@ -119,14 +119,16 @@ fn bench_prefill(
     };
     let assets = crate::model::checked_assets(paths, &config)?;
     println!(
-        "prefill of {} with plan '{}' (fastest of {repeats}); rows {layout}\n",
+        "prefill of {} with plan '{}' (fastest of {repeats}, full and planned alternating in blocks of {}); rows {layout}\n",
         model_dir.display(),
-        plan.name
+        plan.name,
+        tokenfold_fold::report::LATENCY_BLOCK
     );
     println!(
         "| batch | full ms | plan ms | speed-up | FLOPs-predicted speed-up | measured / predicted | plan's matmuls ms | matmul speed-up | row ratio | predicted if padded | measured / padded | reduction ms | reduction share |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     let mut rows = Vec::new();
+    let mut after_full = Vec::new();
     for &batch in batches {
         let l = tokenfold_fold::report::measure_latency(
             &model,
@@ -163,7 +165,17 @@ fn bench_prefill(
             l.overhead_ms,
             100.0 * l.overhead_share()
         );
+        if let Some(ms) = l.plan_after_full_ms {
+            after_full.push(format!(
+                "batch {}: {ms:.2} ms, speed-up {:.2}×, {:.2} of the predicted",
+                l.batch,
+                l.full_ms / ms.max(1e-9),
+                l.full_ms / ms.max(1e-9) / l.predicted_speedup.max(1e-9)
+            ));
+        }
         rows.push(json!({"batch": l.batch, "full_ms": l.full_ms, "plan_ms": l.plan_ms,
+            "plan_after_full_ms": l.plan_after_full_ms,
+            "speedup_after_full": l.plan_after_full_ms.map(|ms| l.full_ms / ms.max(1e-9)),
             "speedup": l.speedup(), "predicted_speedup": l.predicted_speedup,
             "speedup_efficiency": l.speedup_efficiency(),
             "matmul_full_ms": matmuls.map(|m| m.0), "matmul_plan_ms": matmuls.map(|m| m.1),
@@ -171,11 +183,20 @@ fn bench_prefill(
             "predicted_speedup_padded": l.predicted_speedup_padded, "reduction_ms": l.overhead_ms,
             "reduction_share": l.overhead_share(), "lengths": l.lengths, "image_starts": l.image_starts}));
     }
+    if !after_full.is_empty() {
+        println!(
+            "\nplanned prefill right after a full one (the first of each block; the full one leaves part of the weights out of the caches):"
+        );
+        for line in &after_full {
+            println!("- {line}");
+        }
+    }
     if let Some(path) = out {
         let report = json!({"command": "bench prefill", "model": model_dir, "config": model.config,
             "parameters": model.parameter_count(), "threads": candle_core::utils::get_num_threads(),
             "git_revision": tokenfold_scaling::sweep::git_revision(), "plan": plan,
-            "repeats": repeats, "packed_rows": model.packs_rows(), "rows": rows});
+            "repeats": repeats, "block": tokenfold_fold::report::LATENCY_BLOCK,
+            "packed_rows": model.packs_rows(), "rows": rows});
         tokenfold_data::write_atomic(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;
         println!("\nwrote {}", path.display());
     }

@@ -412,6 +412,9 @@ fn train_eval_and_ask_run_end_to_end() {
     // (with one repeat on a tiny model, the machine's noise can order them either way).
     assert!(matmul("matmul_full_ms") > 0.0 && matmul("matmul_plan_ms") > 0.0);
     assert!(matmul("row_ratio") > 1.0, "the plan removes rows");
+    // The planned runs right after a full one are among the planned runs, so no faster than the fastest.
+    assert!(matmul("plan_after_full_ms") >= matmul("plan_ms"));
+    assert_eq!(figures()["block"].as_u64(), Some(5));
     // Chosen batch sizes, and a size of zero refused by name.
     let out = bench_prefill(&["--batch", "3"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
