@@ -43,6 +43,98 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
+/// `out[j] = dot(a, row j)` for j < `out.len()`, with [`dot`]'s bits, where row j is the a.len() values
+/// of `rows` from j·`stride` on. On CPUs with AVX2, eight rows at a time: each row's eight partial sums in
+/// one register, the eight registers transposed, then summed lane after lane as [`dot`] sums them, so
+/// that eight results come out together where one [`dot`] waits on its own eight additions in a row.
+///
+/// # Panics
+/// When `rows` does not hold the last row.
+pub fn dots(a: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+    let d = a.len();
+    if let Some(last) = out.len().checked_sub(1) {
+        assert!(
+            rows.len() >= last * stride + d,
+            "dots: {} values do not hold {} rows of {d}, {stride} apart",
+            rows.len(),
+            out.len()
+        );
+    }
+    let row = |j: usize| &rows[j * stride..j * stride + d];
+    #[cfg(target_arch = "x86_64")]
+    if d.is_multiple_of(8) && std::arch::is_x86_feature_detected!("avx2") {
+        let blocks = out.len() / 8 * 8;
+        // SAFETY: the CPU has AVX2; `rows` holds every row (asserted above).
+        unsafe { dots_avx2(a, rows, stride, &mut out[..blocks]) };
+        for (j, o) in out.iter_mut().enumerate().skip(blocks) {
+            *o = dot(a, row(j));
+        }
+        return;
+    }
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = dot(a, row(j));
+    }
+}
+
+/// [`dots`] in AVX2 for a length d = a.len() that is a multiple of 8 and a multiple of 8 rows.
+///
+/// # Safety
+/// The CPU has AVX2; `rows` holds `out.len()` rows of d values, `stride` apart.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dots_avx2(a: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let chunks = a.len() / 8;
+    // What `dot`'s sums start from (Rust's float sum has begun at 0.0 or -0.0 by version); its tail over
+    // no values is this too.
+    let start: f32 = std::iter::empty::<f32>().sum();
+    for j in (0..out.len()).step_by(8) {
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for c in 0..chunks {
+            // SAFETY: a holds 8·chunks values and each row as many from (j + r)·stride.
+            let x = unsafe { _mm256_loadu_ps(a.as_ptr().add(c * 8)) };
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let y = unsafe { _mm256_loadu_ps(rows.as_ptr().add((j + r) * stride + c * 8)) };
+                *acc = _mm256_add_ps(*acc, _mm256_mul_ps(x, y));
+            }
+        }
+        // Transpose: lane l of the eight rows into one register.
+        let t0 = _mm256_unpacklo_ps(acc[0], acc[1]);
+        let t1 = _mm256_unpackhi_ps(acc[0], acc[1]);
+        let t2 = _mm256_unpacklo_ps(acc[2], acc[3]);
+        let t3 = _mm256_unpackhi_ps(acc[2], acc[3]);
+        let t4 = _mm256_unpacklo_ps(acc[4], acc[5]);
+        let t5 = _mm256_unpackhi_ps(acc[4], acc[5]);
+        let t6 = _mm256_unpacklo_ps(acc[6], acc[7]);
+        let t7 = _mm256_unpackhi_ps(acc[6], acc[7]);
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        let lanes = [
+            _mm256_permute2f128_ps::<0x20>(u0, u4),
+            _mm256_permute2f128_ps::<0x20>(u1, u5),
+            _mm256_permute2f128_ps::<0x20>(u2, u6),
+            _mm256_permute2f128_ps::<0x20>(u3, u7),
+            _mm256_permute2f128_ps::<0x31>(u0, u4),
+            _mm256_permute2f128_ps::<0x31>(u1, u5),
+            _mm256_permute2f128_ps::<0x31>(u2, u6),
+            _mm256_permute2f128_ps::<0x31>(u3, u7),
+        ];
+        let start = _mm256_set1_ps(start);
+        let mut sum = start;
+        for lane in lanes {
+            sum = _mm256_add_ps(sum, lane);
+        }
+        // SAFETY: out holds j + 8 values (its length is a multiple of 8).
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(j), _mm256_add_ps(sum, start)) };
+    }
+}
+
 /// Σ |a_i|, in eight interleaved partial sums as [`dot`] (DART's key norms, over every row of a stage).
 pub fn l1_norm(a: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
@@ -274,12 +366,15 @@ pub fn bipartite_merge(metric: &Matrix, r: usize) -> Assignment {
         return Assignment::keep(n, &(0..n).collect::<Vec<_>>());
     }
     // Best partner in B of each A token, and its similarity.
+    let mut similar = vec![0f32; b.len()];
     let best: Vec<(usize, f32)> = a
         .iter()
         .map(|&i| {
+            // B's rows are every other row from row 1.
+            dots(m.row(i), &m.data[m.cols..], 2 * m.cols, &mut similar);
             b.iter()
-                .map(|&j| (j, m.dot(i, j)))
-                .fold((b[0], f32::NEG_INFINITY), |acc, (j, s)| {
+                .zip(&similar)
+                .fold((b[0], f32::NEG_INFINITY), |acc, (&j, &s)| {
                     if s > acc.1 { (j, s) } else { acc }
                 })
         })
@@ -400,18 +495,7 @@ pub fn dpc_knn(metric: &Matrix, members: &[usize], n_clusters: usize, k: usize) 
     if n == 0 || n_clusters == 0 {
         return Vec::new();
     }
-    let dist = |a: usize, b: usize| -> f32 {
-        metric
-            .row(members[a])
-            .iter()
-            .zip(metric.row(members[b]))
-            .map(|(x, y)| (x - y) * (x - y))
-            .sum::<f32>()
-            .sqrt()
-    };
-    let d: Vec<Vec<f32>> = (0..n)
-        .map(|a| (0..n).map(|b| dist(a, b)).collect())
-        .collect();
+    let d = distances(metric, members);
     let k = k.clamp(1, n.saturating_sub(1).max(1));
     let density: Vec<f32> = (0..n)
         .map(|a| {
@@ -451,6 +535,44 @@ pub fn dpc_knn(metric: &Matrix, members: &[usize], n_clusters: usize, k: usize) 
         groups[g].push(members[a]);
     }
     groups
+}
+
+/// Euclidean distances between the `metric` rows of `members`, d[a][b], each the square root of the
+/// squared differences summed over the columns in order. Eight of member a's distances are summed at
+/// once, in eight lanes over a copy of the rows stored column by column: one distance at a time waits on
+/// its own additions in a row.
+pub(crate) fn distances(metric: &Matrix, members: &[usize]) -> Vec<Vec<f32>> {
+    let n = members.len();
+    let padded = n.div_ceil(8) * 8;
+    // Column i of member b at i·padded + b; the padding lanes are computed and dropped.
+    let mut columns = vec![0f32; metric.cols * padded];
+    for (b, &m) in members.iter().enumerate() {
+        for (i, &v) in metric.row(m).iter().enumerate() {
+            columns[i * padded + b] = v;
+        }
+    }
+    // What a float sum starts from (0.0 or -0.0, by Rust's version), so that the sums are those of
+    // `Iterator::sum`.
+    let start: f32 = std::iter::empty::<f32>().sum();
+    members
+        .iter()
+        .map(|&m| {
+            let row = metric.row(m);
+            let mut out = Vec::with_capacity(padded);
+            for block in (0..padded).step_by(8) {
+                let mut acc = [start; 8];
+                for (i, &x) in row.iter().enumerate() {
+                    let ys = &columns[i * padded + block..i * padded + block + 8];
+                    for (acc, &y) in acc.iter_mut().zip(ys) {
+                        *acc += (x - y) * (x - y);
+                    }
+                }
+                out.extend(acc.iter().map(|v| v.sqrt()));
+            }
+            out.truncate(n);
+            out
+        })
+        .collect()
 }
 
 /// Interquartile-range outliers (PruMerge, TRIM): indices with score > Q3 + 1.5·IQR, quartiles by linear

@@ -241,6 +241,47 @@ fn iqr_outliers_match_numpy_quartiles() {
 }
 
 #[test]
+fn dpc_knn_distances_are_the_plain_ones_bit_for_bit() {
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    for cols in [1usize, 7, 32, 37] {
+        let data: Vec<f32> = (0..20 * cols)
+            .map(|i| match i % 13 {
+                0 => -0.0,
+                1 => 0.0,
+                _ => rng.random_range(-2.0f32..2.0),
+            })
+            .collect();
+        let metric = Matrix::new(20, cols, data);
+        for n in [0usize, 1, 7, 8, 9, 17] {
+            // Members in any order, one of them twice.
+            let mut members: Vec<usize> = (0..n).map(|i| (i * 7 + 3) % 20).collect();
+            if n > 2 {
+                members[n - 1] = members[0];
+            }
+            let d = ops::distances(&metric, &members);
+            assert_eq!(d.len(), n);
+            for (a, row) in d.iter().enumerate() {
+                assert_eq!(row.len(), n);
+                for (b, v) in row.iter().enumerate() {
+                    let plain = metric
+                        .row(members[a])
+                        .iter()
+                        .zip(metric.row(members[b]))
+                        .map(|(x, y)| (x - y) * (x - y))
+                        .sum::<f32>()
+                        .sqrt();
+                    assert_eq!(
+                        v.to_bits(),
+                        plain.to_bits(),
+                        "cols {cols}, n {n}, ({a}, {b})"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn dpc_knn_separates_two_clusters() {
     let mut data = Vec::new();
     for i in 0..5 {
@@ -381,18 +422,32 @@ fn sparsevlm_raters_are_the_text_tokens_the_image_attends_to_above_the_mean() {
         vec![0, 1, 2, 3]
     );
     assert!(sparsevlm_raters(|i| visual.row(i), 3, |j| text.row(j), 0).is_empty());
-    // Random rows of an odd width (the dot product's tail), against the f64 computation.
-    for seed in 0..20 {
-        let (visual, text) = (
-            random_matrix(64, 37, seed),
-            random_matrix(9, 37, seed + 100),
-        );
-        assert_eq!(
-            sparsevlm_raters(|i| visual.row(i), 64, |j| text.row(j), 9),
-            raters_in_f64(&visual, &text),
-            "seed {seed}"
-        );
+    // Random rows of an odd width (the dot product's tail) and of widths that take eight products at a
+    // time, against the f64 computation.
+    for width in [37, 32, 256] {
+        for seed in 0..20 {
+            let (visual, text) = (
+                random_matrix(64, width, seed),
+                random_matrix(9, width, seed + 100),
+            );
+            assert_eq!(
+                sparsevlm_raters(|i| visual.row(i), 64, |j| text.row(j), 9),
+                raters_in_f64(&visual, &text),
+                "width {width}, seed {seed}"
+            );
+        }
     }
+    // Text rows longer than the visual ones count their first values, as one product at a time does.
+    let (visual, text) = (random_matrix(16, 8, 1), random_matrix(5, 12, 2));
+    let cut = Matrix::new(
+        5,
+        8,
+        (0..5).flat_map(|j| text.row(j)[..8].to_vec()).collect(),
+    );
+    assert_eq!(
+        sparsevlm_raters(|i| visual.row(i), 16, |j| text.row(j), 5),
+        sparsevlm_raters(|i| visual.row(i), 16, |j| cut.row(j), 5)
+    );
 }
 
 // ---------------------------------------------------------------- signals
@@ -607,6 +662,49 @@ fn the_interleaved_dot_product_and_l1_norm_are_the_plain_ones() {
     }
     // Unequal lengths: the shorter one counts.
     assert_eq!(ops::dot(&[1.0, 2.0, 3.0], &[4.0, 5.0]), 14.0);
+}
+
+#[test]
+fn many_dot_products_at_once_give_the_single_ones_bits() {
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    for d in [0usize, 1, 7, 8, 9, 32, 37, 256] {
+        let a: Vec<f32> = (0..d).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        for stride in [d, d + 3] {
+            // 21 rows, signed zeros among their values, the last one without the stride's padding.
+            let len = 20 * stride + d;
+            let rows: Vec<f32> = (0..len)
+                .map(|i| match i % 11 {
+                    0 => -0.0,
+                    1 => 0.0,
+                    _ => rng.random_range(-1.0f32..1.0),
+                })
+                .collect();
+            for n in [0usize, 1, 7, 8, 9, 16, 21] {
+                let mut out = vec![f32::NAN; n];
+                ops::dots(&a, &rows, stride, &mut out);
+                for (j, o) in out.iter().enumerate() {
+                    let single = ops::dot(&a, &rows[j * stride..j * stride + d]);
+                    assert_eq!(
+                        o.to_bits(),
+                        single.to_bits(),
+                        "d {d}, stride {stride}, row {j} of {n}"
+                    );
+                }
+            }
+        }
+    }
+    // All-zero products keep the single product's signed zero.
+    let a = [-0.0f32; 16];
+    let zeros = [0.0f32; 16 * 8];
+    let mut out = [f32::NAN; 8];
+    ops::dots(&a, &zeros, 16, &mut out);
+    assert!(
+        out.iter()
+            .all(|o| o.to_bits() == ops::dot(&a, &zeros[..16]).to_bits())
+    );
+    // Rows that do not fit are refused.
+    let refused = std::panic::catch_unwind(|| ops::dots(&[1.0; 8], &[0.0; 15], 8, &mut [0.0; 2]));
+    assert!(refused.is_err());
 }
 
 // ---------------------------------------------------------------- plans and budgets
