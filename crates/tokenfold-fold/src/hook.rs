@@ -1129,14 +1129,17 @@ pub fn dart(normed: Matrix, l1: &[f32], n: usize, pivots: usize, target: usize) 
     let remaining = target - kept.len();
     let per = remaining / all_pivots.len().max(1);
     let extra = remaining % all_pivots.len().max(1);
+    // The pivot's similarity to every visual row, eight at a time (the visual rows come first).
+    let mut similarities = vec![0f32; n];
     for (p_index, &p) in all_pivots.iter().enumerate() {
         let want = per + usize::from(p_index < extra);
+        ops::dots(m.row(p), &m.data, m.cols, &mut similarities);
         // A NaN similarity (from a NaN hidden state) counts as the most similar, which keeps the
         // comparison below a total order.
         let mut by_similarity: Vec<(usize, f32)> = candidates
             .iter()
             .map(|&c| {
-                let similarity = m.dot(p, c);
+                let similarity = similarities[c];
                 (
                     c,
                     if similarity.is_nan() {

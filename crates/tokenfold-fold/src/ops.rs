@@ -53,8 +53,10 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 pub fn dots(a: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
     let d = a.len();
     if let Some(last) = out.len().checked_sub(1) {
+        // Checked arithmetic: a wrapped end would let the AVX2 path read past `rows`.
+        let end = last.checked_mul(stride).and_then(|e| e.checked_add(d));
         assert!(
-            rows.len() >= last * stride + d,
+            end.is_some_and(|end| rows.len() >= end),
             "dots: {} values do not hold {} rows of {d}, {stride} apart",
             rows.len(),
             out.len()
@@ -76,18 +78,19 @@ pub fn dots(a: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
     }
 }
 
-/// [`dots`] in AVX2 for a length d = a.len() that is a multiple of 8 and a multiple of 8 rows.
+/// [`dots`] in AVX2.
 ///
 /// # Safety
-/// The CPU has AVX2; `rows` holds `out.len()` rows of d values, `stride` apart.
+/// The CPU has AVX2; d = a.len() and `out.len()` are multiples of 8; `rows` holds `out.len()` rows of d
+/// values, `stride` apart.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn dots_avx2(a: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
     use std::arch::x86_64::*;
     let chunks = a.len() / 8;
-    // What `dot`'s sums start from (Rust's float sum has begun at 0.0 or -0.0 by version); its tail over
-    // no values is this too.
-    let start: f32 = std::iter::empty::<f32>().sum();
+    // `dot` sums its lanes from the start of Rust's float sum (0.0 or -0.0, by version) and adds an empty
+    // tail, which is that start again. Neither can change a bit: the lanes begin at +0.0, so no lane is
+    // ever -0.0, and x + (±0.0) = x for every other x. So the lanes are summed without it.
     for j in (0..out.len()).step_by(8) {
         let mut acc = [_mm256_setzero_ps(); 8];
         for c in 0..chunks {
@@ -98,7 +101,7 @@ unsafe fn dots_avx2(a: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
                 *acc = _mm256_add_ps(*acc, _mm256_mul_ps(x, y));
             }
         }
-        // Transpose: lane l of the eight rows into one register.
+        // Transpose, so that lanes[l] holds partial sum l of rows j … j + 7, row r in lane r.
         let t0 = _mm256_unpacklo_ps(acc[0], acc[1]);
         let t1 = _mm256_unpackhi_ps(acc[0], acc[1]);
         let t2 = _mm256_unpacklo_ps(acc[2], acc[3]);
@@ -125,13 +128,12 @@ unsafe fn dots_avx2(a: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
             _mm256_permute2f128_ps::<0x31>(u2, u6),
             _mm256_permute2f128_ps::<0x31>(u3, u7),
         ];
-        let start = _mm256_set1_ps(start);
-        let mut sum = start;
-        for lane in lanes {
+        let mut sum = lanes[0];
+        for &lane in &lanes[1..] {
             sum = _mm256_add_ps(sum, lane);
         }
         // SAFETY: out holds j + 8 values (its length is a multiple of 8).
-        unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(j), _mm256_add_ps(sum, start)) };
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(j), sum) };
     }
 }
 

@@ -243,7 +243,7 @@ fn iqr_outliers_match_numpy_quartiles() {
 #[test]
 fn dpc_knn_distances_are_the_plain_ones_bit_for_bit() {
     let mut rng = ChaCha8Rng::seed_from_u64(5);
-    for cols in [1usize, 7, 32, 37] {
+    for cols in [0usize, 1, 7, 32, 37] {
         let data: Vec<f32> = (0..20 * cols)
             .map(|i| match i % 13 {
                 0 => -0.0,
@@ -516,6 +516,27 @@ fn query_rows_and_received_attention_match_the_full_matrix() {
         assert_close(row[j], expected, 1e-5, "one query row");
     }
     assert_eq!(row[8], 0.0, "an invalid key gets nothing");
+    // Heads of 32 values: eight keys' products at once (ops::dots) and one alone, for the second sample
+    // of a batch, whose keys start past the first one's.
+    let wide = 32;
+    let q2 = Tensor::from_vec(draw(2 * h * t * wide), (2, h, t, wide), &Device::Cpu).unwrap();
+    let k2 = Tensor::from_vec(draw(2 * h * t * wide), (2, h, t, wide), &Device::Cpu).unwrap();
+    let full2 = full_attention(&q2.i(1..2).unwrap(), &k2.i(1..2).unwrap(), &layout);
+    let qk2 = QueriesKeys::from_tensors(&q2, &k2).unwrap();
+    for query in [2, 7] {
+        let row = qk2
+            .query_attention(1, &layout, &[query], HeadReduce::Mean)
+            .unwrap();
+        for j in 0..t {
+            let expected: f32 = (0..h).map(|hh| full2[hh][query][j]).sum::<f32>() / h as f32;
+            assert_close(
+                row[j],
+                expected,
+                1e-5,
+                "a query of the second sample, wide heads",
+            );
+        }
+    }
     let summed = qk
         .query_attention(0, &layout, &[5, 6], HeadReduce::Sum)
         .unwrap();
