@@ -47,7 +47,8 @@ pub enum BenchCommand {
         #[arg(long)]
         plan: Option<PathBuf>,
         /// Timed repeats per measurement (the fastest is reported).
-        #[arg(long, default_value_t = 10)]
+        #[arg(long, default_value_t = 10,
+            value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
         repeats: usize,
         /// Compute padded batches as they are, padding included, instead of packing their rows (the
         /// layout before packing, for comparison; as `TOKENFOLD_PACKED=0`).
@@ -165,7 +166,7 @@ fn bench_prefill(
             l.overhead_ms,
             100.0 * l.overhead_share()
         );
-        if let Some(ms) = l.plan_after_full_ms {
+        if let Some(ms) = l.plan_after_full_ms.filter(|_| !plan.stages.is_empty()) {
             after_full.push(format!(
                 "batch {}: {ms:.2} ms, speed-up {:.2}×, {:.2} of the predicted",
                 l.batch,

@@ -84,7 +84,8 @@ pub struct CompareArgs {
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
     /// Prefill latency: batch size and timed repeats per plan (0 repeats: skip).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub latency_batch: usize,
     #[arg(long, default_value_t = 5)]
     pub latency_repeats: usize,

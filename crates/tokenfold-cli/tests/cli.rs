@@ -420,13 +420,18 @@ fn train_eval_and_ask_run_end_to_end() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let rows = figures()["rows"].as_array().unwrap().clone();
     assert_eq!((rows.len(), rows[0]["batch"].as_u64()), (1, Some(3)));
-    let out = bench_prefill(&["--batch", "1,0"]);
-    assert_eq!(out.status.code(), Some(2), "a usage error");
-    assert!(
-        text(&out.stderr).contains("--batch"),
-        "{}",
-        text(&out.stderr)
-    );
+    for (flag, value) in [("--batch", "1,0"), ("--repeats", "0")] {
+        let out = tokenfold(
+            dir.path(),
+            &["bench", "prefill", "--model", run_arg, flag, value],
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "a usage error for {flag} {value}"
+        );
+        assert!(text(&out.stderr).contains(flag), "{}", text(&out.stderr));
+    }
 
     // A short search writes a plan within its budget, its report, and the plan runs.
     let searched = dir.path().join("searched.json");
