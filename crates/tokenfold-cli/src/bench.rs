@@ -166,17 +166,18 @@ fn bench_prefill(
             l.overhead_ms,
             100.0 * l.overhead_share()
         );
-        if let Some(ms) = l.plan_after_full_ms.filter(|_| !plan.stages.is_empty()) {
+        if let (Some(ms), Some(speedup)) = (l.plan_after_full_ms, l.speedup_after_full())
+            && !plan.stages.is_empty()
+        {
             after_full.push(format!(
-                "batch {}: {ms:.2} ms, speed-up {:.2}×, {:.2} of the predicted",
+                "batch {}: {ms:.2} ms, speed-up {speedup:.2}×, {:.2} of the predicted",
                 l.batch,
-                l.full_ms / ms.max(1e-9),
-                l.full_ms / ms.max(1e-9) / l.predicted_speedup.max(1e-9)
+                speedup / l.predicted_speedup.max(1e-9)
             ));
         }
         rows.push(json!({"batch": l.batch, "full_ms": l.full_ms, "plan_ms": l.plan_ms,
             "plan_after_full_ms": l.plan_after_full_ms,
-            "speedup_after_full": l.plan_after_full_ms.map(|ms| l.full_ms / ms.max(1e-9)),
+            "speedup_after_full": l.speedup_after_full(),
             "speedup": l.speedup(), "predicted_speedup": l.predicted_speedup,
             "speedup_efficiency": l.speedup_efficiency(),
             "matmul_full_ms": matmuls.map(|m| m.0), "matmul_plan_ms": matmuls.map(|m| m.1),

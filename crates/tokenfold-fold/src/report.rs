@@ -71,6 +71,11 @@ impl Latency {
     pub fn speedup(&self) -> f64 {
         self.full_ms / self.plan_ms.max(1e-9)
     }
+    /// The speed-up of the planned prefill right after a full one ([`Latency::plan_after_full_ms`]).
+    pub fn speedup_after_full(&self) -> Option<f64> {
+        self.plan_after_full_ms
+            .map(|ms| self.full_ms / ms.max(1e-9))
+    }
     /// The measured speed-up as a share of the one the FLOPs predict.
     pub fn speedup_efficiency(&self) -> f64 {
         self.speedup() / self.predicted_speedup.max(1e-9)

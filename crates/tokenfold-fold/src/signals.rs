@@ -203,9 +203,15 @@ impl<'a> QueriesKeys<'a> {
         })
     }
 
+    /// The keys of head h of sample s, (t, hd) row-major.
+    fn head_keys(&self, s: usize, h: usize) -> &[f32] {
+        let block = self.len * self.head_dim;
+        let start = (s * self.heads + h) * block;
+        &self.k[start..start + block]
+    }
+
     fn key(&self, s: usize, h: usize, j: usize) -> &[f32] {
-        let start = ((s * self.heads + h) * self.len + j) * self.head_dim;
-        &self.k[start..start + self.head_dim]
+        &self.head_keys(s, h)[j * self.head_dim..(j + 1) * self.head_dim]
     }
 
     fn query(&self, s: usize, h: usize, i: usize) -> Result<&[f32]> {
@@ -251,8 +257,7 @@ impl<'a> QueriesKeys<'a> {
             for h in 0..self.heads {
                 let q = self.query(s, h, i)?;
                 // Every key's product, the hidden ones too: eight at a time is faster than skipping.
-                let keys = &self.k[(s * self.heads + h) * self.len * self.head_dim..];
-                crate::ops::dots(q, keys, self.head_dim, &mut logits);
+                crate::ops::dots(q, self.head_keys(s, h), self.head_dim, &mut logits);
                 let mut max = f32::NEG_INFINITY;
                 for (j, logit) in logits.iter_mut().enumerate() {
                     *logit = if visible[j] {
