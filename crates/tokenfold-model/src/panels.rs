@@ -13,6 +13,10 @@
 //! rows. The same scratch program measured 1.0–1.7 ms for the 17-row products where gemm took
 //! 1.7–3.0 ms, and 3.9–5.9 ms for 74 rows against 5.4–7.8 (four runs).
 //!
+//! On a CPU with AVX-512F the micro-kernel takes up to thirty rows at once, one 16-wide register per
+//! row (see [`Kernel`]), so a product of up to 30 rows reads each panel once. It makes the same
+//! multiply-adds in the same order, so the bits do not change. `TOKENFOLD_AVX512=0` keeps AVX2.
+//!
 //! Every output is one sum over k in order, by one thread, whatever the number of rows or threads: up
 //! to [`PANEL_ROWS_MAX`] rows, a row's result does not depend on the rows beside it. Larger products,
 //! f64, CPUs without AVX2 and FMA, and `TOKENFOLD_PLAIN_OPS=1` take candle's matmul with the plain
@@ -33,6 +37,8 @@
 //!   4.9–5.0, which the batch-16 plans of `tokenfold bench prefill` did not bear out: see
 //!   docs/performance.md.)
 
+use std::sync::OnceLock;
+
 use candle_core::{DType, Result, Tensor, bail};
 use rayon::prelude::*;
 
@@ -49,6 +55,43 @@ pub const PANEL_ROWS_MAX: usize = 512;
 /// Rows per micro-kernel call: six rows of two registers each keep twelve accumulators, the broadcast
 /// input and the panel's two registers within AVX2's sixteen.
 const MR: usize = 6;
+
+/// Rows per AVX-512 micro-kernel call: a row's sixteen columns fill one of AVX-512's 32 registers, so
+/// thirty rows keep thirty accumulators and the panel's register, the input values broadcast from
+/// memory by the multiply-adds themselves.
+const MR_WIDE: usize = 30;
+
+/// The micro-kernel a product runs on. Both compute every output as one multiply-add after another
+/// over k in order, so they give the same bits; they differ in how many rows share one read of a
+/// panel.
+///
+/// A product of few rows reads each panel from memory in its first row block, and AVX2's six rows
+/// leave that block waiting: a perf profile of FastV's batch-1 planned prefill (17 rows) put 14.6% of
+/// the samples in the first block of each panel, 12.2% in the second and 8.9% in the third (five
+/// rows). AVX-512's thirty rows take 17 rows in one block, reading the panel once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kernel {
+    /// AVX2 and FMA, [`MR`] rows at a time.
+    Avx2,
+    /// AVX-512F, up to [`MR_WIDE`] rows at a time.
+    Avx512,
+}
+
+impl Kernel {
+    /// The widest kernel this CPU runs: AVX-512 where it has AVX-512F, unless `TOKENFOLD_AVX512=0`.
+    /// Only asked where [`panels_available`] holds.
+    fn detected() -> Kernel {
+        static DETECTED: OnceLock<Kernel> = OnceLock::new();
+        *DETECTED.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            let wide = std::arch::is_x86_feature_detected!("avx512f")
+                && std::env::var("TOKENFOLD_AVX512").map_or(true, |v| v != "0");
+            #[cfg(not(target_arch = "x86_64"))]
+            let wide = false;
+            if wide { Kernel::Avx512 } else { Kernel::Avx2 }
+        })
+    }
+}
 
 /// A weight (k, n) for products x·w, kept as a contiguous tensor and, for f32 on CPUs with AVX2 and
 /// FMA, packed in panels (see the module docs). Detached: for a model that is not trained further.
@@ -85,7 +128,13 @@ impl PackedWeight {
             Some((panels, m)) => {
                 let x = x.contiguous()?;
                 let out = kernels::with_slice::<f32, _>(&x, |x| {
-                    Ok(product(x, panels, (m, self.k, self.n), None))
+                    Ok(product(
+                        x,
+                        panels,
+                        (m, self.k, self.n),
+                        None,
+                        Kernel::detected(),
+                    ))
                 })?;
                 Tensor::from_vec(out, (m, self.n), x.device())
             }
@@ -122,7 +171,13 @@ impl PackedWeight {
                 let (a2, r) = (a2.contiguous()?, r.contiguous()?);
                 let out = kernels::with_slice::<f32, _>(&a2, |a| {
                     kernels::with_slice::<f32, _>(&r, |r| {
-                        Ok(product(a, panels, (m, self.k, self.n), Some(r)))
+                        Ok(product(
+                            a,
+                            panels,
+                            (m, self.k, self.n),
+                            Some(r),
+                            Kernel::detected(),
+                        ))
                     })
                 })?;
                 Tensor::from_vec(out, r.dims(), r.device())
@@ -149,7 +204,12 @@ impl PackedWeight {
             Some((panels, m)) if f.is_multiple_of(PANEL) && self.k > 0 => {
                 let x = x.contiguous()?;
                 let out = kernels::with_slice::<f32, _>(&x, |x| {
-                    Ok(swiglu_product(x, panels, (m, self.k, f)))
+                    Ok(swiglu_product(
+                        x,
+                        panels,
+                        (m, self.k, f),
+                        Kernel::detected(),
+                    ))
                 })?;
                 Tensor::from_vec(out, (m, f), x.device())
             }
@@ -202,7 +262,13 @@ impl PackedWeight {
                     rotate: &rotate,
                     eps,
                 };
-                Ok(heads_product(x, panels, (m, k, self.n), &heads))
+                Ok(heads_product(
+                    x,
+                    panels,
+                    (m, k, self.n),
+                    &heads,
+                    Kernel::detected(),
+                ))
             })
         })?;
         let all = Tensor::from_vec(out, (parts.len(), b, h, t, hd), x.device())?;
@@ -337,8 +403,9 @@ pub(crate) fn panel_product(
         "panels: {} outputs for {m} rows of {cols}, {ldc} apart",
         out.len()
     );
-    // SAFETY: the CPU has AVX2 and FMA (`panels_available`); x holds m × k values, the panel k × 16, and
-    // `out` m rows of `cols` values ldc apart (asserted above); nothing else borrows `out`.
+    // SAFETY: the CPU has AVX2 and FMA (`panels_available`), and AVX-512F where it is detected; x holds
+    // m × k values, the panel k × 16, and `out` m rows of `cols` values ldc apart (asserted above);
+    // nothing else borrows `out`.
     unsafe {
         panel_rows(
             x,
@@ -349,6 +416,7 @@ pub(crate) fn panel_product(
             m,
             cols,
             false,
+            Kernel::detected(),
         )
     };
     true
@@ -360,13 +428,14 @@ struct Out(*mut f32);
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
-/// x (m, k) times the packed weight (k, n), plus `add` (m, n) when given; row-major (m, n). `panels`
-/// exist only where [`panels_available`] holds (the micro-kernel needs AVX2 and FMA).
+/// x (m, k) times the packed weight (k, n), plus `add` (m, n) when given; row-major (m, n), on `kernel`.
+/// `panels` exist only where [`panels_available`] holds (the micro-kernel needs AVX2 and FMA).
 fn product(
     x: &[f32],
     panels: &[f32],
     (m, k, n): (usize, usize, usize),
     add: Option<&[f32]>,
+    kernel: Kernel,
 ) -> Vec<f32> {
     // The kernel's writes rely on these lengths, so they are checked in every build.
     assert!(x.len() == m * k, "panels: {} inputs for {m} × {k}", x.len());
@@ -406,6 +475,7 @@ fn product(
                 m,
                 cols,
                 accumulate,
+                kernel,
             )
         };
     });
@@ -415,8 +485,13 @@ fn product(
 }
 
 /// silu(x·w_gate)·(x·w_up), row-major (m, f), for x (m, k) and panels packing (k, 2f), gate first, with
-/// f a multiple of 16: gate panel p's up panel is p + f/16.
-fn swiglu_product(x: &[f32], panels: &[f32], (m, k, f): (usize, usize, usize)) -> Vec<f32> {
+/// f a multiple of 16: gate panel p's up panel is p + f/16. On `kernel`.
+fn swiglu_product(
+    x: &[f32],
+    panels: &[f32],
+    (m, k, f): (usize, usize, usize),
+    kernel: Kernel,
+) -> Vec<f32> {
     assert!(x.len() == m * k, "panels: {} inputs for {m} × {k}", x.len());
     assert!(
         f.is_multiple_of(PANEL) && panels.len() == 2 * f * k,
@@ -445,6 +520,7 @@ fn swiglu_product(x: &[f32], panels: &[f32], (m, k, f): (usize, usize, usize)) -
                 dst.0.add(p * PANEL),
                 f,
                 m,
+                kernel,
             )
         };
     });
@@ -464,13 +540,14 @@ struct Heads<'a> {
 }
 
 /// x (m = b·t, k) times panels packing (k, n), n = parts · h · hd with hd a multiple of 16, as one
-/// (parts, b, h, t, hd) buffer: head by head, the head's hd/16 panels into a buffer of m × hd, then each
-/// row [`kernels::head_row`]ed into place.
+/// (parts, b, h, t, hd) buffer, on `kernel`: head by head, the head's hd/16 panels into a buffer of
+/// m × hd, then each row [`kernels::head_row`]ed into place.
 fn heads_product(
     x: &[f32],
     panels: &[f32],
     (m, k, n): (usize, usize, usize),
     heads: &Heads,
+    kernel: Kernel,
 ) -> Vec<f32> {
     let (b, t, h, hd) = heads.dims;
     let parts = heads.norms.len();
@@ -514,6 +591,7 @@ fn heads_product(
                         m,
                         PANEL,
                         false,
+                        kernel,
                     )
                 };
             }
@@ -564,27 +642,30 @@ fn for_each_panel(count: usize, run: impl Fn(usize, bool) + Sync) {
 /// program, the two ways interleaved pass by pass, best of 400 passes, three runs) took 0.98–1.20 ms
 /// with it against 1.17–1.41 ms without at 17 rows, 0.26–0.35 against 0.40–0.56 ms for one row, and
 /// 3.90–3.93 against 4.08–4.13 ms at 74 rows; at 290 rows the two were level.
-fn prefetch_block(m: usize) -> usize {
-    usize::from(row_blocks(m).nth(1).is_some())
+fn prefetch_block(m: usize, kernel: Kernel) -> usize {
+    usize::from(row_blocks(m, kernel).nth(1).is_some())
 }
 
-/// The row blocks (first row, rows) of an m-row product: six rows at a time, and a remainder of 7 to 11
-/// split in two near-equal blocks, which keeps more accumulators busy than a block of one to five rows
-/// after a full one.
-fn row_blocks(m: usize) -> impl Iterator<Item = (usize, usize)> {
-    let mut r = 0;
+/// The row blocks (first row, rows) of an m-row product. AVX2: six rows at a time, and a remainder of
+/// 7 to 11 split in two near-equal blocks, which keeps more accumulators busy than a block of one to
+/// five rows after a full one. AVX-512: as few blocks as thirty rows allow, of near-equal sizes.
+fn row_blocks(m: usize, kernel: Kernel) -> impl Iterator<Item = (usize, usize)> {
+    let (mut r, mut block) = (0, 0);
+    let blocks = m.div_ceil(MR_WIDE).max(1);
     std::iter::from_fn(move || {
         let left = m - r;
-        let rows = if left >= 12 || left == MR {
+        let rows = if kernel == Kernel::Avx512 {
+            (m / blocks + usize::from(block < m % blocks)).min(left)
+        } else if left >= 12 || left == MR {
             MR
         } else if left > MR {
             left.div_ceil(2)
         } else {
             left
         };
-        let block = (r, rows);
-        r += rows;
-        (rows > 0).then_some(block)
+        let at = (r, rows);
+        (r, block) = (r + rows, block + 1);
+        (rows > 0).then_some(at)
     })
 }
 
@@ -592,8 +673,9 @@ fn row_blocks(m: usize) -> impl Iterator<Item = (usize, usize)> {
 /// with the two panels, j < 16. `fetch`: the next gate and up panels, prefetched meanwhile.
 ///
 /// # Safety
-/// The CPU has AVX2 and FMA; `x` holds m × k values and each panel k × 16; `out` must be valid for
-/// writes of m rows of 16 values ldc apart.
+/// The CPU has AVX2 and FMA, and AVX-512F for [`Kernel::Avx512`]; `x` holds m × k values and each panel
+/// k × 16; `out` must be valid for writes of m rows of 16 values ldc apart.
+#[allow(clippy::too_many_arguments)]
 unsafe fn swiglu_rows(
     x: &[f32],
     k: usize,
@@ -602,12 +684,13 @@ unsafe fn swiglu_rows(
     out: *mut f32,
     ldc: usize,
     m: usize,
+    kernel: Kernel,
 ) {
     #[cfg(target_arch = "x86_64")]
-    for (block, (r, rows)) in row_blocks(m).enumerate() {
+    for (block, (r, rows)) in row_blocks(m, kernel).enumerate() {
         let a = &x[r * k..(r + rows) * k];
-        let fetch = fetch.filter(|_| block == prefetch_block(m));
-        let mut tiles = [[0.0f32; MR * PANEL]; 3];
+        let fetch = fetch.filter(|_| block == prefetch_block(m, kernel));
+        let mut tiles = [[0.0f32; MR_WIDE * PANEL]; 3];
         let [g, u, y] = &mut tiles;
         // SAFETY: the CPU's features and the slices' lengths are the caller's; the tiles hold `rows`
         // rows of 16 values, and `out` rows r … r + rows.
@@ -617,18 +700,18 @@ unsafe fn swiglu_rows(
                 k,
                 (gate, fetch.map(|f| f.0)),
                 g.as_mut_ptr(),
-                PANEL,
-                rows,
+                (PANEL, rows),
                 false,
+                kernel,
             );
             micro_rows(
                 a,
                 k,
                 (up, fetch.map(|f| f.1)),
                 u.as_mut_ptr(),
-                PANEL,
-                rows,
+                (PANEL, rows),
                 false,
+                kernel,
             );
             kernels::swiglu_avx2(
                 &mut y[..rows * PANEL],
@@ -646,7 +729,7 @@ unsafe fn swiglu_rows(
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (x, k, gate, up, fetch, out, ldc, m);
+        let _ = (x, k, gate, up, fetch, out, ldc, m, kernel);
         unreachable!("panels are packed only on x86-64");
     }
 }
@@ -655,8 +738,9 @@ unsafe fn swiglu_rows(
 /// panel to prefetch meanwhile, if any.
 ///
 /// # Safety
-/// The CPU has AVX2 and FMA; `x` holds m × k values and each panel k × 16; `out` must be valid for
-/// writes of m rows of `cols` values ldc apart (and reads, when `accumulate`).
+/// The CPU has AVX2 and FMA, and AVX-512F for [`Kernel::Avx512`]; `x` holds m × k values and each panel
+/// k × 16; `out` must be valid for writes of m rows of `cols` values ldc apart (and reads, when
+/// `accumulate`).
 #[allow(clippy::too_many_arguments)]
 unsafe fn panel_rows(
     x: &[f32],
@@ -667,20 +751,21 @@ unsafe fn panel_rows(
     m: usize,
     cols: usize,
     accumulate: bool,
+    kernel: Kernel,
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        for (block, (r, rows)) in row_blocks(m).enumerate() {
+        for (block, (r, rows)) in row_blocks(m, kernel).enumerate() {
             let a = &x[r * k..(r + rows) * k];
-            let panels = (panel, fetch.filter(|_| block == prefetch_block(m)));
+            let panels = (panel, fetch.filter(|_| block == prefetch_block(m, kernel)));
             // SAFETY: the caller's bounds, for rows r … r + rows.
             unsafe {
                 let c = out.add(r * ldc);
                 if cols == PANEL {
-                    micro_rows(a, k, panels, c, ldc, rows, accumulate);
+                    micro_rows(a, k, panels, c, (ldc, rows), accumulate, kernel);
                 } else {
                     // The last panel of a width that is not a multiple of 16: through a buffer.
-                    let mut buf = [0.0f32; MR * PANEL];
+                    let mut buf = [0.0f32; MR_WIDE * PANEL];
                     if accumulate {
                         for i in 0..rows {
                             std::ptr::copy_nonoverlapping(
@@ -690,7 +775,15 @@ unsafe fn panel_rows(
                             );
                         }
                     }
-                    micro_rows(a, k, panels, buf.as_mut_ptr(), PANEL, rows, accumulate);
+                    micro_rows(
+                        a,
+                        k,
+                        panels,
+                        buf.as_mut_ptr(),
+                        (PANEL, rows),
+                        accumulate,
+                        kernel,
+                    );
                     for i in 0..rows {
                         std::ptr::copy_nonoverlapping(
                             buf[i * PANEL..].as_ptr(),
@@ -704,25 +797,45 @@ unsafe fn panel_rows(
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (x, k, panel, fetch, out, ldc, m, cols, accumulate);
+        let _ = (x, k, panel, fetch, out, ldc, m, cols, accumulate, kernel);
         unreachable!("panels are packed only on x86-64");
     }
 }
 
-/// One call of the micro-kernel for 1 to 6 rows, prefetching the panel `fetch` when given.
+/// One call of `kernel`'s micro-kernel for 1 to 6 rows (AVX2) or 1 to 30 (AVX-512), prefetching the
+/// panel `fetch` when given.
 ///
 /// # Safety
-/// The CPU has AVX2 and FMA; `out` is valid for `rows` rows of 16 values ldc apart.
+/// The CPU has AVX2 and FMA, and AVX-512F for [`Kernel::Avx512`]; `a` holds `rows` × k values and the
+/// panels k × 16 each; `out` is valid for `rows` rows of 16 values ldc apart.
 #[cfg(target_arch = "x86_64")]
 unsafe fn micro_rows(
     a: &[f32],
     k: usize,
     (panel, fetch): (&[f32], Option<&[f32]>),
     out: *mut f32,
-    ldc: usize,
-    rows: usize,
+    (ldc, rows): (usize, usize),
     accumulate: bool,
+    kernel: Kernel,
 ) {
+    macro_rules! wide {
+        ($($r:literal)*) => {
+            match rows {
+                $($r => match fetch {
+                    Some(next) => micro_wide::<$r, true>(a, k, (panel, next), out, ldc, accumulate),
+                    None => micro_wide::<$r, false>(a, k, (panel, panel), out, ldc, accumulate),
+                },)*
+                _ => unreachable!("the AVX-512 micro-kernel takes 1 to {MR_WIDE} rows, not {rows}"),
+            }
+        };
+    }
+    if kernel == Kernel::Avx512 {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            wide!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30)
+        };
+        return;
+    }
     macro_rules! call {
         ($r:literal) => {
             match (accumulate, fetch) {
@@ -795,6 +908,49 @@ unsafe fn micro<const R: usize, const ACC: bool, const FETCH: bool>(
     }
 }
 
+/// R rows by 16 columns in AVX-512: out (+)= a (R, k) · panel (k, 16), one sixteen-wide accumulator per
+/// row, each multiply-add in the same order as [`micro`]'s. With `FETCH`, each step over k also
+/// prefetches row i of the panel `next` into L2.
+///
+/// # Safety
+/// The CPU has AVX-512F; `a` holds R × k values, `panel` and `next` k × 16 each, and `out` is valid for
+/// R rows of 16 values ldc apart (reads too, when `accumulate`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn micro_wide<const R: usize, const FETCH: bool>(
+    a: &[f32],
+    k: usize,
+    (panel, next): (&[f32], &[f32]),
+    out: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(a.len() >= R * k && panel.len() >= k * PANEL && next.len() >= k * PANEL);
+    let (a, b, next) = (a.as_ptr(), panel.as_ptr(), next.as_ptr());
+    // SAFETY: the bounds above and the caller's for `out`.
+    unsafe {
+        let mut acc = [_mm512_setzero_ps(); R];
+        if accumulate {
+            for (r, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm512_loadu_ps(out.add(r * ldc));
+            }
+        }
+        for i in 0..k {
+            if FETCH {
+                _mm_prefetch::<_MM_HINT_T1>(next.add(i * PANEL).cast());
+            }
+            let b = _mm512_loadu_ps(b.add(i * PANEL));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm512_fmadd_ps(_mm512_set1_ps(*a.add(r * k + i)), b, *acc);
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            _mm512_storeu_ps(out.add(r * ldc), *acc);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -858,27 +1014,119 @@ mod tests {
         }
     }
 
+    /// The kernels this CPU runs: AVX2 and FMA, and AVX-512 where it has AVX-512F (whatever
+    /// `TOKENFOLD_AVX512` says, so that the tests compare both here).
+    fn kernels_here() -> Vec<Kernel> {
+        let mut kernels = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        if panels_available() {
+            kernels.push(Kernel::Avx2);
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                kernels.push(Kernel::Avx512);
+            }
+        }
+        kernels
+    }
+
     #[test]
     fn row_blocks_cover_the_rows_once_and_the_second_prefetches() {
-        for m in 0..40 {
-            let blocks: Vec<(usize, usize)> = row_blocks(m).collect();
-            let mut next = 0;
-            for &(r, rows) in &blocks {
-                assert!(r == next && (1..=MR).contains(&rows), "m {m}: {blocks:?}");
-                next += rows;
+        for kernel in [Kernel::Avx2, Kernel::Avx512] {
+            let most = if kernel == Kernel::Avx2 { MR } else { MR_WIDE };
+            for m in 0..100 {
+                let blocks: Vec<(usize, usize)> = row_blocks(m, kernel).collect();
+                let mut next = 0;
+                for &(r, rows) in &blocks {
+                    assert!(r == next && (1..=most).contains(&rows), "m {m}: {blocks:?}");
+                    next += rows;
+                }
+                assert_eq!(next, m, "m {m}: {blocks:?}");
+                if kernel == Kernel::Avx2 {
+                    // A remainder of 7 to 11 rows is split evenly rather than leaving a small last
+                    // block.
+                    if let [.., (_, a), (_, b)] = blocks[..] {
+                        assert!(a.abs_diff(b) <= 1 || a == MR, "m {m}: {blocks:?}");
+                    }
+                } else {
+                    // As few blocks as thirty rows allow, none more than one row longer than another.
+                    assert_eq!(blocks.len(), m.div_ceil(MR_WIDE), "m {m}: {blocks:?}");
+                    let sizes = blocks.iter().map(|b| b.1);
+                    let (least, most) = (sizes.clone().min(), sizes.max());
+                    assert!(most.zip(least).is_none_or(|(a, b)| a - b <= 1), "m {m}");
+                }
+                let prefetching = prefetch_block(m, kernel);
+                assert_eq!(prefetching, usize::from(blocks.len() > 1), "m {m}");
             }
-            assert_eq!(next, m, "m {m}: {blocks:?}");
-            // A remainder of 7 to 11 rows is split evenly rather than leaving a small last block.
-            if let [.., (_, a), (_, b)] = blocks[..] {
-                assert!(a.abs_diff(b) <= 1 || a == MR, "m {m}: {blocks:?}");
-            }
-            assert_eq!(prefetch_block(m), usize::from(blocks.len() > 1), "m {m}");
         }
-        assert_eq!(
-            row_blocks(17).collect::<Vec<_>>(),
-            [(0, 6), (6, 6), (12, 5)]
-        );
-        assert_eq!(row_blocks(9).collect::<Vec<_>>(), [(0, 5), (5, 4)]);
+        let blocks = |m, kernel| row_blocks(m, kernel).collect::<Vec<_>>();
+        assert_eq!(blocks(17, Kernel::Avx2), [(0, 6), (6, 6), (12, 5)]);
+        assert_eq!(blocks(9, Kernel::Avx2), [(0, 5), (5, 4)]);
+        assert_eq!(blocks(17, Kernel::Avx512), [(0, 17)]);
+        assert_eq!(blocks(74, Kernel::Avx512), [(0, 25), (25, 25), (50, 24)]);
+    }
+
+    #[test]
+    fn both_kernels_give_the_same_bits() {
+        let kernels = kernels_here();
+        if kernels.len() < 2 {
+            return;
+        }
+        let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+        // Row counts of one to four AVX-512 blocks, up to the longest block, and inner sizes from one
+        // to past the panel's L1 size.
+        let rows = [
+            0usize, 1, 2, 5, 6, 7, 13, 17, 29, 30, 31, 45, 60, 61, 74, 91, 121,
+        ];
+        for &k in &[1usize, 7, 64, 300] {
+            for &n in &[16usize, 50] {
+                let (w, r) = (values(k * n, k + n), values(121 * n, 5));
+                let panels = pack(&w, k, n);
+                for &m in &rows {
+                    let x = values(m * k, m);
+                    let run = |kernel, add| bits(product(&x, &panels, (m, k, n), add, kernel));
+                    let what = format!("m {m} k {k} n {n}");
+                    let plain = run(Kernel::Avx2, None);
+                    assert_eq!(plain, run(Kernel::Avx512, None), "x·w, {what}");
+                    let add = Some(&r[..m * n]);
+                    assert_eq!(
+                        run(Kernel::Avx2, add),
+                        run(Kernel::Avx512, add),
+                        "r + x·w, {what}"
+                    );
+                }
+            }
+            let f = 32;
+            let panels = pack(&values(k * 2 * f, k), k, 2 * f);
+            let (h, hd) = (2, 16);
+            let head_panels = pack(&values(k * 3 * h * hd, k + 1), k, 3 * h * hd);
+            for &m in &rows {
+                let x = values(m * k, m + 1);
+                let run = |kernel| bits(swiglu_product(&x, &panels, (m, k, f), kernel));
+                assert_eq!(
+                    run(Kernel::Avx2),
+                    run(Kernel::Avx512),
+                    "swiglu, m {m} k {k}"
+                );
+                let (cos, sin) = (values(m * hd / 2, 6), values(m * hd / 2, 7));
+                let norms = [Some(values(hd, 8)), None, None];
+                let heads = Heads {
+                    dims: (1, m, h, hd),
+                    tables: (&cos, &sin),
+                    norms: &norms,
+                    rotate: &[true, true, false],
+                    eps: 1e-6,
+                };
+                let run = |kernel| {
+                    bits(heads_product(
+                        &x,
+                        &head_panels,
+                        (m, k, 3 * h * hd),
+                        &heads,
+                        kernel,
+                    ))
+                };
+                assert_eq!(run(Kernel::Avx2), run(Kernel::Avx512), "heads, m {m} k {k}");
+            }
+        }
     }
 
     #[test]
@@ -941,11 +1189,17 @@ mod tests {
         if !panels_available() {
             return;
         }
-        // w (k, 20): a full panel and one of 4 columns, written into rows 24 apart with NaN around.
-        let (m, k, n, ldc) = (8, 5, 20, 24);
-        let (w, x) = (values(k * n, 1), values(m * k, 2));
+        // w (k, 20): a full panel and one of 4 columns, written into rows 24 apart with NaN around; 8
+        // rows in one or two blocks, 37 in two or seven.
+        let (k, n, ldc) = (5, 20, 24);
+        let w = values(k * n, 1);
         let panels = pack(&w, k, n);
-        for accumulate in [false, true] {
+        for (kernel, m, accumulate) in kernels_here()
+            .into_iter()
+            .flat_map(|kernel| [8, 37].map(|m| (kernel, m)))
+            .flat_map(|(kernel, m)| [false, true].map(|a| (kernel, m, a)))
+        {
+            let x = values(m * k, 2);
             let mut out = vec![f32::NAN; m * ldc + PANEL];
             if accumulate {
                 (0..m).for_each(|i| out[i * ldc..i * ldc + n].fill(1.0));
@@ -955,7 +1209,7 @@ mod tests {
                 let cols = PANEL.min(n - p * PANEL);
                 // The first panel prefetches the second, as a thread that computes both does.
                 let fetch = (p == 0).then(|| panel(1));
-                // SAFETY: AVX2 and FMA are present (checked above); `out` holds m rows of ldc ≥ n
+                // SAFETY: the CPU runs `kernel` (`kernels_here`); `out` holds m rows of ldc ≥ n
                 // values, and columns p·16 … p·16 + cols of each lie inside it.
                 unsafe {
                     panel_rows(
@@ -967,6 +1221,7 @@ mod tests {
                         m,
                         cols,
                         accumulate,
+                        kernel,
                     )
                 };
             }
@@ -1143,32 +1398,41 @@ mod tests {
         if !panels_available() {
             return;
         }
-        // w (k, 2·32): gate panels 0 and 1, up panels 2 and 3; rows 40 apart with NaN around.
-        let (m, k, f, ldc) = (9, 5, 32, 40);
-        let (w, x) = (values(k * 2 * f, 3), values(m * k, 4));
+        // w (k, 2·32): gate panels 0 and 1, up panels 2 and 3; rows 40 apart with NaN around; 9 rows
+        // in one or two blocks, 37 in two or seven.
+        let (k, f, ldc) = (5, 32, 40);
+        let w = values(k * 2 * f, 3);
         let panels = pack(&w, k, 2 * f);
         let panel = |q: usize| &panels[q * k * PANEL..(q + 1) * k * PANEL];
-        let mut out = vec![f32::NAN; m * ldc + PANEL];
-        for p in 0..2 {
-            // SAFETY: AVX2 and FMA are present (checked above); `out` holds m rows of ldc ≥ f values,
-            // and columns p·16 … p·16 + 15 of each lie inside it.
-            unsafe {
-                swiglu_rows(
-                    &x,
-                    k,
-                    (panel(p), panel(p + 2)),
-                    (p == 0).then(|| (panel(1), panel(3))),
-                    out.as_mut_ptr().add(p * PANEL),
-                    ldc,
-                    m,
-                )
-            };
+        for (kernel, m) in kernels_here()
+            .into_iter()
+            .flat_map(|kernel| [9, 37].map(|m| (kernel, m)))
+        {
+            let x = values(m * k, 4);
+            let mut out = vec![f32::NAN; m * ldc + PANEL];
+            for p in 0..2 {
+                // SAFETY: the CPU runs `kernel` (`kernels_here`); `out` holds m rows of ldc ≥ f
+                // values, and columns p·16 … p·16 + 15 of each lie inside it.
+                unsafe {
+                    swiglu_rows(
+                        &x,
+                        k,
+                        (panel(p), panel(p + 2)),
+                        (p == 0).then(|| (panel(1), panel(3))),
+                        out.as_mut_ptr().add(p * PANEL),
+                        ldc,
+                        m,
+                        kernel,
+                    )
+                };
+            }
+            check_written(&out, (m, f, ldc), |i, j| {
+                let product =
+                    |c: usize| (0..k).map(|l| x[i * k + l] * w[l * 2 * f + c]).sum::<f32>();
+                let (g, u) = (product(j), product(f + j));
+                g / (1.0 + (-g).exp()) * u
+            });
         }
-        check_written(&out, (m, f, ldc), |i, j| {
-            let product = |c: usize| (0..k).map(|l| x[i * k + l] * w[l * 2 * f + c]).sum::<f32>();
-            let (g, u) = (product(j), product(f + j));
-            g / (1.0 + (-g).exp()) * u
-        });
     }
 
     #[test]
