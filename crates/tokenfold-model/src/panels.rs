@@ -52,13 +52,13 @@ pub const PANEL: usize = 16;
 /// noise, at 1,202; 512 was not measured on its own: it only needs to sit between the two.
 pub const PANEL_ROWS_MAX: usize = 512;
 
-/// Rows per micro-kernel call: six rows of two registers each keep twelve accumulators, the broadcast
+/// Rows per AVX2 micro-kernel call: six rows of two registers each keep twelve accumulators, the broadcast
 /// input and the panel's two registers within AVX2's sixteen.
 const MR: usize = 6;
 
 /// Rows per AVX-512 micro-kernel call: a row's sixteen columns fill one of AVX-512's 32 registers, so
 /// thirty rows keep thirty accumulators and the panel's register, the input values broadcast from
-/// memory by the multiply-adds themselves.
+/// memory by the multiply-adds themselves (`vfmadd231ps` with `{1to16}`, as compiled).
 const MR_WIDE: usize = 30;
 
 /// The micro-kernel a product runs on. Both compute every output as one multiply-add after another
@@ -507,7 +507,10 @@ fn swiglu_product(
     let dst = Out(out.as_mut_ptr());
     let dst = &dst;
     let panel = |q: usize| &panels[q * k * PANEL..(q + 1) * k * PANEL];
-    for_each_panel(count, |p, next| {
+    // The gate, up and activation tiles of one row block, made once per thread: zeroing the 5.8 KB of
+    // an AVX-512 block for every panel would cost a decoding step (one row) more than its products.
+    let tiles = || [[0.0f32; MR_WIDE * PANEL]; 3];
+    for_each_panel_with(count, tiles, |tiles, p, next| {
         let fetch = next.then(|| (panel(p + 1), panel(p + 1 + count)));
         // SAFETY: `out` has room for m × f values; this call alone writes columns p·16 … p·16 + 15 of
         // every row, and `x` and the panels hold m × k and k × 16 values.
@@ -518,9 +521,9 @@ fn swiglu_product(
                 (panel(p), panel(p + count)),
                 fetch,
                 dst.0.add(p * PANEL),
-                f,
-                m,
+                (f, m),
                 kernel,
+                tiles,
             )
         };
     });
@@ -626,11 +629,22 @@ fn heads_product(
 /// `run(p, next)` for every panel p < `count`, the panels cut into one contiguous range per thread of
 /// the pool; `next` tells whether the same thread computes panel p + 1 after p.
 fn for_each_panel(count: usize, run: impl Fn(usize, bool) + Sync) {
+    for_each_panel_with(count, || (), |_, p, next| run(p, next));
+}
+
+/// [`for_each_panel`] with a scratch value made by `init` once per thread's range, handed to each of
+/// its panels.
+fn for_each_panel_with<S>(
+    count: usize,
+    init: impl Fn() -> S + Sync,
+    run: impl Fn(&mut S, usize, bool) + Sync,
+) {
     let jobs = rayon::current_num_threads().clamp(1, count.max(1));
     let per_job = count.div_ceil(jobs);
     (0..jobs).into_par_iter().for_each(|job| {
         let end = ((job + 1) * per_job).min(count);
-        (job * per_job..end).for_each(|p| run(p, p + 1 < end));
+        let mut scratch = init();
+        (job * per_job..end).for_each(|p| run(&mut scratch, p, p + 1 < end));
     });
 }
 
@@ -670,7 +684,8 @@ fn row_blocks(m: usize, kernel: Kernel) -> impl Iterator<Item = (usize, usize)> 
 }
 
 /// Rows 0 … m of one gate panel and its up panel: out[r·ldc + j] = silu(g)·u for g and u the rows' products
-/// with the two panels, j < 16. `fetch`: the next gate and up panels, prefetched meanwhile.
+/// with the two panels, j < 16. `fetch`: the next gate and up panels, prefetched meanwhile. `tiles`:
+/// scratch for one row block's gate, up and activation values, whatever they held before.
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA, and AVX-512F for [`Kernel::Avx512`]; `x` holds m × k values and each panel
@@ -682,16 +697,15 @@ unsafe fn swiglu_rows(
     (gate, up): (&[f32], &[f32]),
     fetch: Option<(&[f32], &[f32])>,
     out: *mut f32,
-    ldc: usize,
-    m: usize,
+    (ldc, m): (usize, usize),
     kernel: Kernel,
+    tiles: &mut [[f32; MR_WIDE * PANEL]; 3],
 ) {
     #[cfg(target_arch = "x86_64")]
     for (block, (r, rows)) in row_blocks(m, kernel).enumerate() {
         let a = &x[r * k..(r + rows) * k];
         let fetch = fetch.filter(|_| block == prefetch_block(m, kernel));
-        let mut tiles = [[0.0f32; MR_WIDE * PANEL]; 3];
-        let [g, u, y] = &mut tiles;
+        let [g, u, y] = &mut *tiles;
         // SAFETY: the CPU's features and the slices' lengths are the caller's; the tiles hold `rows`
         // rows of 16 values, and `out` rows r … r + rows.
         unsafe {
@@ -729,7 +743,7 @@ unsafe fn swiglu_rows(
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (x, k, gate, up, fetch, out, ldc, m, kernel);
+        let _ = (x, k, gate, up, fetch, out, ldc, m, kernel, tiles);
         unreachable!("panels are packed only on x86-64");
     }
 }
@@ -854,7 +868,8 @@ unsafe fn micro_rows(
             4 => call!(4),
             3 => call!(3),
             2 => call!(2),
-            _ => call!(1),
+            1 => call!(1),
+            _ => unreachable!("the AVX2 micro-kernel takes 1 to {MR} rows, not {rows}"),
         }
     }
 }
@@ -1050,8 +1065,9 @@ mod tests {
                     // As few blocks as thirty rows allow, none more than one row longer than another.
                     assert_eq!(blocks.len(), m.div_ceil(MR_WIDE), "m {m}: {blocks:?}");
                     let sizes = blocks.iter().map(|b| b.1);
-                    let (least, most) = (sizes.clone().min(), sizes.max());
-                    assert!(most.zip(least).is_none_or(|(a, b)| a - b <= 1), "m {m}");
+                    let (shortest, longest) = (sizes.clone().min(), sizes.max());
+                    let near = longest.zip(shortest).is_none_or(|(a, b)| a - b <= 1);
+                    assert!(near, "m {m}: {blocks:?}");
                 }
                 let prefetching = prefetch_block(m, kernel);
                 assert_eq!(prefetching, usize::from(blocks.len() > 1), "m {m}");
@@ -1066,17 +1082,19 @@ mod tests {
 
     #[test]
     fn both_kernels_give_the_same_bits() {
-        let kernels = kernels_here();
-        if kernels.len() < 2 {
+        if kernels_here().len() < 2 {
+            eprintln!(
+                "no AVX-512F on this CPU: only the AVX2 kernel runs, against candle's matmul"
+            );
             return;
         }
         let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
-        // Row counts of one to four AVX-512 blocks, up to the longest block, and inner sizes from one
-        // to past the panel's L1 size.
+        // Row counts of none to five AVX-512 blocks, blocks of one to thirty rows, and inner sizes up to
+        // the down projection's 688 (whose panels sit in L2).
         let rows = [
             0usize, 1, 2, 5, 6, 7, 13, 17, 29, 30, 31, 45, 60, 61, 74, 91, 121,
         ];
-        for &k in &[1usize, 7, 64, 300] {
+        for &k in &[1usize, 7, 64, 300, 688] {
             for &n in &[16usize, 50] {
                 let (w, r) = (values(k * n, k + n), values(121 * n, 5));
                 let panels = pack(&w, k, n);
@@ -1420,9 +1438,9 @@ mod tests {
                         (panel(p), panel(p + 2)),
                         (p == 0).then(|| (panel(1), panel(3))),
                         out.as_mut_ptr().add(p * PANEL),
-                        ldc,
-                        m,
+                        (ldc, m),
                         kernel,
+                        &mut [[f32::NAN; MR_WIDE * PANEL]; 3],
                     )
                 };
             }
