@@ -2153,6 +2153,25 @@ fn the_fused_inference_kernels_equal_the_plain_ops() {
     assert!(relative_error(&sum, &plain_sum) < 1e-7);
     let error = relative_error(&normed, &ops::rms_norm_plain(&plain_sum, &w, 1e-5).unwrap());
     assert!(error < 1e-6, "add and norm differs by {error:.2e}");
+    // 17 rows fit one job and are built row after row; the 210 above are zero-filled and shared out
+    // in jobs. Each row gets the same bits either way, from the sum and its norm alike.
+    let bits = |t: &Tensor| -> Vec<u32> {
+        let values: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        values.iter().map(|x| x.to_bits()).collect()
+    };
+    let first = |t: &Tensor| t.get(0).unwrap().narrow(0, 0, 17).unwrap();
+    let (sum17, normed17) = crate::kernels::add_rms_norm(&first(&a), &first(&b), &w, 1e-5).unwrap();
+    assert_eq!(bits(&sum17), bits(&first(&sum)), "sum of 17 rows");
+    assert_eq!(
+        bits(&normed17),
+        bits(&first(&normed)),
+        "add and norm of 17 rows"
+    );
+    let normed = crate::kernels::rms_norm(&a, &w, 1e-5).unwrap();
+    let error = relative_error(&normed, &ops::rms_norm_plain(&a, &w, 1e-5).unwrap());
+    assert!(error < 1e-6, "norm differs by {error:.2e}");
+    let normed17 = crate::kernels::rms_norm(&first(&a), &w, 1e-5).unwrap();
+    assert_eq!(bits(&normed17), bits(&first(&normed)), "norm of 17 rows");
     // Residual plus a projection, in one GEMM.
     let (x, h, w) = (randn(&[2, 70, 32]), randn(&[2, 70, 48]), randn(&[48, 32]));
     let reference = (&x + h.broadcast_matmul(&w).unwrap()).unwrap();
