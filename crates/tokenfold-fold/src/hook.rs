@@ -18,7 +18,7 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use tokenfold_model::{LayerHook, NativeModel, SeqState, kernels};
 
-use crate::ops::{self, Assignment, Matrix};
+use crate::ops::{self, Assignment, Groups, Matrix};
 use crate::plan::{Method, Plan, Stage};
 use crate::signals::{HeadReduce, HostValues, QueriesKeys, RowLayout};
 use crate::unified::{self, Signal};
@@ -1003,31 +1003,29 @@ fn content_hash(rows: &[Vec<f32>], include: &[bool]) -> u64 {
 /// groups compose across rounds.
 pub fn tome_to(metric: &Matrix, target: usize) -> Assignment {
     let n = metric.rows;
-    let mut groups: Vec<Vec<usize>> = (0..n).map(|i| vec![i]).collect();
+    let mut groups = Groups::singletons(n);
     let mut current = metric.clone();
     while groups.len() > target.max(1) {
-        let round = ops::bipartite_merge(&current, groups.len() - target.max(1));
+        let round = ops::bipartite_groups(&current, groups.len() - target.max(1));
         // Merge the round's metric rows by plain averages (ToMe averages keys with the tokens' sizes; the
         // next round's similarity only needs a representative direction).
-        let mut next_groups = Vec::with_capacity(round.len());
+        let mut next_groups = Groups::with_capacity(round.len(), n);
         let mut next_rows = Vec::with_capacity(round.len() * current.cols);
-        for row in &round.rows {
-            let mut members = Vec::new();
+        for row in round.iter() {
             let start = next_rows.len();
             next_rows.resize(start + current.cols, 0f32);
-            for &(i, _) in row {
-                members.extend(&groups[i]);
+            for &i in row {
                 for (m, v) in next_rows[start..].iter_mut().zip(current.row(i)) {
                     *m += v / row.len() as f32;
                 }
             }
             // The representative stays the member that kept its place (the destination, listed first).
-            next_groups.push(members);
+            next_groups.push(row.iter().flat_map(|&i| groups.group(i)).copied());
         }
         groups = next_groups;
         current = Matrix::new(groups.len(), current.cols, next_rows);
     }
-    Assignment::groups(n, &groups)
+    Assignment::from_groups(n, &groups)
 }
 
 /// SparseVLM with recycling: of the `target` tokens, some are cluster tokens made from the best 30% of the

@@ -198,6 +198,58 @@ impl Matrix {
 /// Per output token, (input index, weight) pairs.
 pub type SparseRows = Vec<Vec<(usize, f32)>>;
 
+/// Groups of token indices laid end to end, group g being `members[starts[g]..starts[g + 1]]`: what
+/// [`bipartite_groups`] builds, one allocation for all the groups where a vector each cost ToMe's rounds
+/// ([`crate::hook::tome_to`]) most of their time in the allocator.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Groups {
+    members: Vec<usize>,
+    starts: Vec<usize>,
+}
+
+impl Groups {
+    /// No groups, with room for `groups` groups of `members` members in all.
+    pub fn with_capacity(groups: usize, members: usize) -> Groups {
+        let mut starts = Vec::with_capacity(groups + 1);
+        starts.push(0);
+        Groups {
+            members: Vec::with_capacity(members),
+            starts,
+        }
+    }
+
+    /// Tokens 0 … n − 1, each a group of its own.
+    pub fn singletons(n: usize) -> Groups {
+        Groups {
+            members: (0..n).collect(),
+            starts: (0..=n).collect(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.starts.len() - 1
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Group `g`'s members.
+    pub fn group(&self, g: usize) -> &[usize] {
+        &self.members[self.starts[g]..self.starts[g + 1]]
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &[usize]> + Clone {
+        self.starts.windows(2).map(|w| &self.members[w[0]..w[1]])
+    }
+
+    /// Appends a group of `members`.
+    pub fn push(&mut self, members: impl IntoIterator<Item = usize>) {
+        self.members.extend(members);
+        self.starts.push(self.members.len());
+    }
+}
+
 /// Output tokens as weighted groups of input tokens (see the module docs).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Assignment {
@@ -230,13 +282,22 @@ impl Assignment {
     /// Output token per group: the members averaged with equal weights (size-weighted in [`apply`]); the
     /// first member is the representative.
     pub fn groups(n_in: usize, groups: &[Vec<usize>]) -> Assignment {
+        Self::of_groups(n_in, groups.iter().map(Vec::as_slice))
+    }
+
+    /// [`Assignment::groups`] of groups laid end to end.
+    pub fn from_groups(n_in: usize, groups: &Groups) -> Assignment {
+        Self::of_groups(n_in, groups.iter())
+    }
+
+    fn of_groups<'a>(n_in: usize, groups: impl Iterator<Item = &'a [usize]> + Clone) -> Assignment {
         Assignment {
             n_in,
             rows: groups
-                .iter()
+                .clone()
                 .map(|g| g.iter().map(|&i| (i, 1.0)).collect())
                 .collect(),
-            representative: groups.iter().map(|g| g[0]).collect(),
+            representative: groups.map(|g| g[0]).collect(),
             eta: 1.0,
             boost: Vec::new(),
         }
@@ -255,7 +316,11 @@ impl Assignment {
     pub fn sorted_by(mut self, positions: &[u32]) -> Assignment {
         let mut order: Vec<usize> = (0..self.len()).collect();
         order.sort_by_key(|&j| positions[self.representative[j]]);
-        self.rows = order.iter().map(|&j| self.rows[j].clone()).collect();
+        let mut rows = std::mem::take(&mut self.rows);
+        self.rows = order
+            .iter()
+            .map(|&j| std::mem::take(&mut rows[j]))
+            .collect();
         self.representative = order.iter().map(|&j| self.representative[j]).collect();
         if !self.boost.is_empty() {
             self.boost = order.iter().map(|&j| self.boost[j]).collect();
@@ -360,12 +425,18 @@ pub fn random(n: usize, k: usize, rng: &mut impl Rng) -> Assignment {
 /// token (with whatever merged into it), as ToMe orders them; use [`Assignment::sorted_by`] to restore
 /// image order.
 pub fn bipartite_merge(metric: &Matrix, r: usize) -> Assignment {
+    Assignment::from_groups(metric.rows, &bipartite_groups(metric, r))
+}
+
+/// [`bipartite_merge`]'s groups, each B token's group being the B token, then the A tokens merged into
+/// it in order of similarity.
+pub fn bipartite_groups(metric: &Matrix, r: usize) -> Groups {
     let n = metric.rows;
     let m = metric.normalized();
     let a: Vec<usize> = (0..n).step_by(2).collect();
     let b: Vec<usize> = (1..n).step_by(2).collect();
     if b.is_empty() || r == 0 {
-        return Assignment::keep(n, &(0..n).collect::<Vec<_>>());
+        return Groups::singletons(n);
     }
     // Best partner in B of each A token, and its similarity.
     let mut similar = vec![0f32; b.len()];
@@ -390,17 +461,24 @@ pub fn bipartite_merge(metric: &Matrix, r: usize) -> Assignment {
             .then(x.cmp(&y))
     });
     let r = r.min(a.len());
-    let mut groups: Vec<Vec<usize>> = Vec::new();
     let mut unmerged: Vec<usize> = order[r..].iter().map(|&x| a[x]).collect();
     unmerged.sort_unstable();
-    groups.extend(unmerged.iter().map(|&i| vec![i]));
-    let mut dst_groups: Vec<Vec<usize>> = b.iter().map(|&j| vec![j]).collect();
-    for &x in &order[..r] {
-        let dst = best[x].0;
-        dst_groups[(dst - 1) / 2].push(a[x]);
+    // Each B token's group: the B token, then the A tokens merged into it, in order of similarity (a
+    // stable sort by destination keeps that order).
+    let mut merged: Vec<(usize, usize)> = order[..r]
+        .iter()
+        .map(|&x| ((best[x].0 - 1) / 2, a[x]))
+        .collect();
+    merged.sort_by_key(|&(k, _)| k);
+    let mut groups = Groups::with_capacity(unmerged.len() + b.len(), n);
+    unmerged.iter().for_each(|&i| groups.push([i]));
+    let mut rest = merged.as_slice();
+    for (k, &j) in b.iter().enumerate() {
+        let count = rest.iter().take_while(|&&(d, _)| d == k).count();
+        groups.push(std::iter::once(j).chain(rest[..count].iter().map(|&(_, i)| i)));
+        rest = &rest[count..];
     }
-    groups.extend(dst_groups);
-    Assignment::groups(n, &groups)
+    groups
 }
 
 /// Nearest-anchor merge: every token of `members` joins the anchor whose `metric` row is most

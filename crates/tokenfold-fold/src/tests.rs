@@ -94,6 +94,52 @@ fn prune_keeps_the_top_scores_in_image_order() {
 }
 
 #[test]
+fn bipartite_rounds_group_tokens_in_tomes_order() {
+    // A = 0, 2, 4 and B = 1, 3, 5. Tokens 0 and 2 are closest to 3 (0 the closer), 4 is as close to 1
+    // as to 3 (the first B token wins the tie), and less close than the others.
+    let rows = [
+        [1.0, 0.01],
+        [0.0, 1.0],
+        [1.0, 0.2],
+        [1.0, 0.0],
+        [0.5, 0.5],
+        [-1.0, 0.0],
+    ];
+    let m = Matrix::new(6, 2, rows.concat());
+    let groups = |g: &ops::Groups| g.iter().map(<[usize]>::to_vec).collect::<Vec<_>>();
+    // Unmerged A tokens in order, then each B token followed by what merged into it, closest first.
+    let two = ops::bipartite_groups(&m, 2);
+    assert_eq!(groups(&two), [vec![4], vec![1], vec![3, 0, 2], vec![5]]);
+    assert_eq!((two.len(), two.group(2)), (4, &[3, 0, 2][..]));
+    assert_eq!(
+        groups(&ops::bipartite_groups(&m, 0)),
+        (0..6).map(|i| vec![i]).collect::<Vec<_>>()
+    );
+    let assignment = ops::bipartite_merge(&m, 2);
+    assert_eq!(assignment.representative, [4, 1, 3, 5]);
+    assert_eq!(assignment.rows[2], [(3, 1.0), (0, 1.0), (2, 1.0)]);
+    // ToMe's rounds: to 3 in one round (r capped at |A| = 3), then to 2, where the group of 1 and 4,
+    // averaged, is closer to the group of 3 than the group of 5 is.
+    let three = tome_to(&m, 3);
+    assert_eq!(three.representative, [1, 3, 5]);
+    assert_eq!(three.rows[0], [(1, 1.0), (4, 1.0)]);
+    let two = tome_to(&m, 2);
+    assert_eq!(two.representative, [5, 3]);
+    let members: Vec<usize> = two.rows[1].iter().map(|&(i, _)| i).collect();
+    assert_eq!(members, [3, 0, 2, 1, 4]);
+    // Groups built one by one.
+    let mut built = ops::Groups::with_capacity(2, 3);
+    assert!(built.is_empty());
+    built.push([7]);
+    built.push([2, 9]);
+    assert_eq!(groups(&built), [vec![7], vec![2, 9]]);
+    assert_eq!(
+        groups(&ops::Groups::singletons(3)),
+        [vec![0], vec![1], vec![2]]
+    );
+}
+
+#[test]
 fn merges_conserve_total_size_and_the_size_weighted_sum() {
     let n = 16;
     let m = random_matrix(n, 6, 3);
