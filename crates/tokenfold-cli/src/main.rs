@@ -15,18 +15,17 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// Tensor ops allocate a fresh buffer per result. By default glibc maps every buffer above 128 KiB
-/// afresh and unmaps it on free, and the page faults doubled training time (measured: 1,979 against
-/// 3,345 tokens/s on nmm-xs, 20 steps). Raising the thresholds keeps freed memory for reuse.
-fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator tuning parameters; it is called before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
-    }
-}
+/// mimalloc, in place of glibc's allocator. A reduction stage makes many small vectors per sample (groups,
+/// rows, lists of kept tokens), and each layer allocates its outputs afresh; glibc served them slowly
+/// (perf put 43% of ToMe's batch-1 stage samples in `malloc`, `free` and their helpers). Three
+/// alternating rounds of `tokenfold bench prefill` over the six nmm-s plans at 11.1%: batch-1 prefills
+/// 4–6% faster in full and 6–16% planned, reductions 13–25% shorter at batch 1 and 8–16% at batch 16;
+/// training steps the same within the noise (`bench train --config configs/bench.toml`, six
+/// alternating runs). glibc
+/// needed its thresholds raised (mallopt) so as not to unmap every freed buffer above 128 KiB, whose page
+/// faults had doubled training time; mimalloc keeps freed memory for reuse on its own.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Makes the main thread one of the workers of rayon's global pool, which keeps its usual size
 /// (`RAYON_NUM_THREADS`, else the cores available). Called from outside the pool, every parallel
@@ -140,7 +139,6 @@ fn one_thread_pool() {
 
 fn main() -> ExitCode {
     one_thread_pool();
-    keep_freed_memory();
     join_the_thread_pool();
     let cli = Cli::parse();
     let mut paths = tokenfold_data::DataPaths::resolve(cli.data.as_deref());
