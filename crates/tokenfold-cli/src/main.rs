@@ -15,15 +15,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// mimalloc, in place of glibc's allocator. A reduction stage makes many small vectors per sample (groups,
-/// rows, lists of kept tokens), and each layer allocates its outputs afresh; glibc served them slowly
-/// (perf put 43% of ToMe's batch-1 stage samples in `malloc`, `free` and their helpers). Three
-/// alternating rounds of `tokenfold bench prefill` over the six nmm-s plans at 11.1%: batch-1 prefills
-/// 4–6% faster in full and 6–16% planned, reductions 13–25% shorter at batch 1 and 8–16% at batch 16;
-/// training steps the same within the noise (`bench train --config configs/bench.toml`, six
-/// alternating runs). glibc
-/// needed its thresholds raised (mallopt) so as not to unmap every freed buffer above 128 KiB, whose page
-/// faults had doubled training time; mimalloc keeps freed memory for reuse on its own.
+/// mimalloc, in place of glibc's allocator: a reduction stage makes many small vectors per sample, and
+/// every layer allocates its outputs afresh, which glibc served slowly; mimalloc also keeps freed memory
+/// for reuse without the thresholds glibc needed raised. The measurements (prefills faster, training
+/// the same) are in docs/performance.md, "mimalloc as the global allocator".
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

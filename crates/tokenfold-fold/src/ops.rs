@@ -198,12 +198,14 @@ impl Matrix {
 /// Per output token, (input index, weight) pairs.
 pub type SparseRows = Vec<Vec<(usize, f32)>>;
 
-/// Groups of token indices laid end to end, group g being `members[starts[g]..starts[g + 1]]`: what
-/// [`bipartite_groups`] builds, one allocation for all the groups where a vector each cost ToMe's rounds
-/// ([`crate::hook::tome_to`]) most of their time in the allocator.
+/// Non-empty groups of token indices laid end to end, group g being `members[starts[g]..starts[g + 1]]`:
+/// what [`bipartite_groups`] builds, two vectors for all the groups where a vector each cost ToMe's
+/// rounds ([`crate::hook::tome_to`]) most of their time in the allocator. A group's first member is its
+/// representative.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Groups {
     members: Vec<usize>,
+    /// Where each group starts in `members`, then `members.len()`: never empty, and 0 first.
     starts: Vec<usize>,
 }
 
@@ -239,13 +241,16 @@ impl Groups {
         &self.members[self.starts[g]..self.starts[g + 1]]
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &[usize]> + Clone {
+    /// The groups' members, group by group.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = &[usize]> + Clone {
         self.starts.windows(2).map(|w| &self.members[w[0]..w[1]])
     }
 
-    /// Appends a group of `members`.
+    /// Appends a group of `members`, which must not be empty: its first member is its representative.
     pub fn push(&mut self, members: impl IntoIterator<Item = usize>) {
+        let start = self.members.len();
         self.members.extend(members);
+        assert!(self.members.len() > start, "a group needs a member");
         self.starts.push(self.members.len());
     }
 }

@@ -95,38 +95,42 @@ fn prune_keeps_the_top_scores_in_image_order() {
 
 #[test]
 fn bipartite_rounds_group_tokens_in_tomes_order() {
-    // A = 0, 2, 4 and B = 1, 3, 5. Tokens 0 and 2 are closest to 3 (0 the closer), 4 is as close to 1
-    // as to 3 (the first B token wins the tie), and less close than the others.
+    // A = 0, 2, 4 and B = 1, 3, 5. Token 2 is closest to 3, then 4 to 1, then 0 to 3: the order of
+    // similarity is neither the order of the indices nor its reverse.
     let rows = [
-        [1.0, 0.01],
+        [1.0, -1.0],
         [0.0, 1.0],
-        [1.0, 0.2],
+        [1.0, 0.01],
         [1.0, 0.0],
-        [0.5, 0.5],
+        [0.6, 0.8],
         [-1.0, 0.0],
     ];
     let m = Matrix::new(6, 2, rows.concat());
     let groups = |g: &ops::Groups| g.iter().map(<[usize]>::to_vec).collect::<Vec<_>>();
-    // Unmerged A tokens in order, then each B token followed by what merged into it, closest first.
-    let two = ops::bipartite_groups(&m, 2);
-    assert_eq!(groups(&two), [vec![4], vec![1], vec![3, 0, 2], vec![5]]);
-    assert_eq!((two.len(), two.group(2)), (4, &[3, 0, 2][..]));
+    // Unmerged A tokens in order of index, then each B token followed by what merged into it, closest
+    // first.
+    let one = ops::bipartite_groups(&m, 1);
     assert_eq!(
-        groups(&ops::bipartite_groups(&m, 0)),
-        (0..6).map(|i| vec![i]).collect::<Vec<_>>()
+        groups(&one),
+        [vec![0], vec![4], vec![1], vec![3, 2], vec![5]]
     );
-    let assignment = ops::bipartite_merge(&m, 2);
-    assert_eq!(assignment.representative, [4, 1, 3, 5]);
-    assert_eq!(assignment.rows[2], [(3, 1.0), (0, 1.0), (2, 1.0)]);
-    // ToMe's rounds: to 3 in one round (r capped at |A| = 3), then to 2, where the group of 1 and 4,
-    // averaged, is closer to the group of 3 than the group of 5 is.
+    let three = ops::bipartite_groups(&m, 3);
+    assert_eq!(groups(&three), [vec![1, 4], vec![3, 2, 0], vec![5]]);
+    assert_eq!((three.len(), three.group(1)), (3, &[3, 2, 0][..]));
+    let kept = ops::bipartite_groups(&m, 0);
+    assert_eq!(groups(&kept), (0..6).map(|i| vec![i]).collect::<Vec<_>>());
+    let assignment = ops::bipartite_merge(&m, 3);
+    assert_eq!(assignment.representative, [1, 3, 5]);
+    assert_eq!(assignment.rows[1], [(3, 1.0), (2, 1.0), (0, 1.0)]);
+    // ToMe's rounds: to 3 in one round (r = 3 = |A|), then to 2, where the group of 1 and 4, averaged,
+    // is closer to the group of 3 than the group of 5 is.
     let three = tome_to(&m, 3);
     assert_eq!(three.representative, [1, 3, 5]);
     assert_eq!(three.rows[0], [(1, 1.0), (4, 1.0)]);
     let two = tome_to(&m, 2);
     assert_eq!(two.representative, [5, 3]);
     let members: Vec<usize> = two.rows[1].iter().map(|&(i, _)| i).collect();
-    assert_eq!(members, [3, 0, 2, 1, 4]);
+    assert_eq!(members, [3, 2, 0, 1, 4]);
     // Groups built one by one.
     let mut built = ops::Groups::with_capacity(2, 3);
     assert!(built.is_empty());
