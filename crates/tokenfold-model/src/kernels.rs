@@ -818,9 +818,9 @@ fn attend<T: Real>(
 
 /// Query rows per tile of [`attend_panels`]. Tiles of few rows skip more of a causal mask's keys; the
 /// AVX2 micro-kernel takes six rows at a time, so a multiple of six loses nothing to it (the AVX-512
-/// one takes the twelve in one block). In one run of a
-/// scratch program, nmm-s's attention (8 heads of 32) over 16 samples of 75 rows took 1.09 ms with
-/// tiles of 12 rows, 1.14 with 24, 1.19 with 18 and 1.28 with 64 (the tile of the gemm path).
+/// one takes the twelve in one block). In one run of a scratch program, nmm-s's attention (8 heads of
+/// 32) over 16 samples of 75 rows took 1.09 ms with tiles of 12 rows, 1.14 with 24, 1.19 with 18 and
+/// 1.28 with 64 (the tile of the gemm path).
 const PANEL_TILE: usize = 12;
 
 /// Per query row, the keys it sees: the first and one past the last whose bias is above the mask

@@ -78,18 +78,27 @@ enum Kernel {
 }
 
 impl Kernel {
-    /// The widest kernel this CPU runs: AVX-512 where it has AVX-512F, unless `TOKENFOLD_AVX512=0`.
-    /// Only asked where [`panels_available`] holds.
+    /// The kernel products run on: AVX-512 where the CPU has it ([`avx512_available`]), unless
+    /// `TOKENFOLD_AVX512=0`. Only asked where [`panels_available`] holds.
     fn detected() -> Kernel {
         static DETECTED: OnceLock<Kernel> = OnceLock::new();
         *DETECTED.get_or_init(|| {
-            #[cfg(target_arch = "x86_64")]
-            let wide = std::arch::is_x86_feature_detected!("avx512f")
-                && std::env::var("TOKENFOLD_AVX512").map_or(true, |v| v != "0");
-            #[cfg(not(target_arch = "x86_64"))]
-            let wide = false;
+            let wide =
+                avx512_available() && std::env::var("TOKENFOLD_AVX512").map_or(true, |v| v != "0");
             if wide { Kernel::Avx512 } else { Kernel::Avx2 }
         })
+    }
+}
+
+/// Whether this CPU runs the AVX-512 micro-kernel (AVX-512F, with the OS saving its registers).
+fn avx512_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 
@@ -702,9 +711,11 @@ unsafe fn swiglu_rows(
     tiles: &mut [[f32; MR_WIDE * PANEL]; 3],
 ) {
     #[cfg(target_arch = "x86_64")]
+    let prefetching = prefetch_block(m, kernel);
+    #[cfg(target_arch = "x86_64")]
     for (block, (r, rows)) in row_blocks(m, kernel).enumerate() {
         let a = &x[r * k..(r + rows) * k];
-        let fetch = fetch.filter(|_| block == prefetch_block(m, kernel));
+        let fetch = fetch.filter(|_| block == prefetching);
         let [g, u, y] = &mut *tiles;
         // SAFETY: the CPU's features and the slices' lengths are the caller's; the tiles hold `rows`
         // rows of 16 values, and `out` rows r … r + rows.
@@ -769,9 +780,10 @@ unsafe fn panel_rows(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
+        let prefetching = prefetch_block(m, kernel);
         for (block, (r, rows)) in row_blocks(m, kernel).enumerate() {
             let a = &x[r * k..(r + rows) * k];
-            let panels = (panel, fetch.filter(|_| block == prefetch_block(m, kernel)));
+            let panels = (panel, fetch.filter(|_| block == prefetching));
             // SAFETY: the caller's bounds, for rows r … r + rows.
             unsafe {
                 let c = out.add(r * ldc);
@@ -1033,10 +1045,9 @@ mod tests {
     /// `TOKENFOLD_AVX512` says, so that the tests compare both here).
     fn kernels_here() -> Vec<Kernel> {
         let mut kernels = Vec::new();
-        #[cfg(target_arch = "x86_64")]
         if panels_available() {
             kernels.push(Kernel::Avx2);
-            if std::arch::is_x86_feature_detected!("avx512f") {
+            if avx512_available() {
                 kernels.push(Kernel::Avx512);
             }
         }
