@@ -385,7 +385,20 @@ impl<'a> FoldHook<'a> {
         if self.record_groups {
             self.groups.push((layer, stage_groups));
         }
-        self.rebuild(state, &samples)
+        // Keys of this layer (not the previous one's, captured) stay right for every row the stage kept
+        // as it was; when it kept all of them so, the layer need not project its keys again, and gets
+        // the same bits where the model says so.
+        let reusable = query_rows.is_some()
+            && mixes_on_host(&state.hidden)
+            && state.hidden.dtype() == DType::F32
+            && self.model.reuses_keys_of(state.batch() * state.len());
+        let known_keys = match (&keys, reusable) {
+            (Some(keys), true) => kept_keys(keys, &samples)?,
+            _ => None,
+        };
+        self.rebuild(state, &samples)?;
+        state.known_keys = known_keys;
+        Ok(())
     }
 
     /// Sample `s`'s new rows after a stage, in order of position: its text rows, then its visual rows
@@ -843,6 +856,7 @@ impl<'a> FoldHook<'a> {
             None
         };
         state.captured = None;
+        state.known_keys = None;
         Ok(())
     }
 }
@@ -936,6 +950,39 @@ impl LayerHook for FoldHook<'_> {
     fn reads_hidden(&self, layer: usize) -> bool {
         self.plan.stages.iter().any(|st| st.layer == layer)
     }
+}
+
+/// The keys (b, h, t', hd) of the rows `samples` rebuild the batch with, gathered from the keys (b, h, t,
+/// hd) of the rows before, when every new row is an old one as it was (one old row, weight 1: the same
+/// bits, hence the same keys); `None` when a row is a mix. Padding rows are zero.
+fn kept_keys(keys: &HostValues, samples: &[Vec<NewRow>]) -> Result<Option<Tensor>> {
+    let &[b, h, t, hd] = keys.dims() else {
+        candle_core::bail!("keys of shape {:?}, expected (b, h, t, hd)", keys.dims());
+    };
+    let one_to_one = samples
+        .iter()
+        .flatten()
+        .all(|row| matches!(row.mix[..], [(j, w)] if w == 1.0 && j < t));
+    if samples.len() != b || !one_to_one {
+        return Ok(None);
+    }
+    let t_new = samples.iter().map(Vec::len).max().unwrap_or(1).max(1);
+    let keys = keys.as_slice();
+    let mut kept = vec![0f32; b * h * t_new * hd];
+    for (s, rows) in samples.iter().enumerate() {
+        for head in 0..h {
+            for (r, row) in rows.iter().enumerate() {
+                let from = ((s * h + head) * t + row.mix[0].0) * hd;
+                let to = ((s * h + head) * t_new + r) * hd;
+                kept[to..to + hd].copy_from_slice(&keys[from..from + hd]);
+            }
+        }
+    }
+    Ok(Some(Tensor::from_vec(
+        kept,
+        (b, h, t_new, hd),
+        &candle_core::Device::Cpu,
+    )?))
 }
 
 /// Whether a rebuild can mix `hidden`'s rows with [`kernels::mix_rows`]: an inference pass on the CPU in

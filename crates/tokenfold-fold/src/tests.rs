@@ -6,7 +6,7 @@ use candle_core::{D, DType, Device, IndexOp, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokenfold_model::config::{ModelConfig, Shape};
-use tokenfold_model::{Inputs, KvCache, NativeModel, NoHook};
+use tokenfold_model::{Inputs, KvCache, LayerHook, NativeModel, NoHook, SeqState};
 
 use crate::budget::{Geometry, STANDARD_BUDGETS, fit};
 use crate::hook::{
@@ -1304,4 +1304,116 @@ fn unified_stages_are_validated_with_the_parameter_named() {
         "operator":{"signals":{"last":1.0},"tau":"hot"}}]}"#;
     let err = serde_json::from_str::<Plan>(wrong).unwrap_err().to_string();
     assert!(err.contains("hot"), "{err}");
+}
+
+/// A [`FoldHook`] whose stages' keys never reach their layer: each layer projects its own.
+struct OwnKeys<'a>(FoldHook<'a>);
+
+impl LayerHook for OwnKeys<'_> {
+    fn before_layer(&mut self, layer: usize, state: &mut SeqState) -> candle_core::Result<bool> {
+        let changed = self.0.before_layer(layer, state)?;
+        state.known_keys = None;
+        Ok(changed)
+    }
+
+    fn capture(&self, layer: usize) -> bool {
+        self.0.capture(layer)
+    }
+
+    fn reads_hidden(&self, layer: usize) -> bool {
+        self.0.reads_hidden(layer)
+    }
+}
+
+/// A [`FoldHook`] that counts the layers its stages handed keys to.
+struct CountKeys<'a>(FoldHook<'a>, usize);
+
+impl LayerHook for CountKeys<'_> {
+    fn before_layer(&mut self, layer: usize, state: &mut SeqState) -> candle_core::Result<bool> {
+        let changed = self.0.before_layer(layer, state)?;
+        self.1 += usize::from(state.known_keys.is_some());
+        Ok(changed)
+    }
+
+    fn capture(&self, layer: usize) -> bool {
+        self.0.capture(layer)
+    }
+
+    fn reads_hidden(&self, layer: usize) -> bool {
+        self.0.reads_hidden(layer)
+    }
+}
+
+fn bits_of(t: &Tensor) -> Vec<u32> {
+    t.flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect()
+}
+
+#[test]
+fn a_layer_given_its_stages_keys_computes_the_same_bits() {
+    // Heads of 8 values take the split product, heads of 16 the fused panels.
+    for d_model in [32, 64] {
+        let shape = Shape {
+            d_model,
+            n_layers: 4,
+            n_heads: 4,
+            d_ff: 48,
+        };
+        let mut config = ModelConfig::from_shape(shape, 40, 12, 4, 128);
+        config.summary_token = true;
+        let mut model = NativeModel::new(config, 5, &Device::Cpu)
+            .unwrap()
+            .frozen()
+            .unwrap();
+        model.prepare_inference().unwrap();
+        let g = Geometry::of(&model.config);
+        // One sample runs the padded layout, three of different lengths the packed one.
+        for lens in [&[4usize][..], &[2, 7, 4]] {
+            let inputs = prompts(&model, lens, 6);
+            let mut handed = Vec::new();
+            for plan in plans_for(g) {
+                let mut counted = CountKeys(FoldHook::new(&model, &plan), 0);
+                let mut cache = KvCache::default();
+                let given = model.prefill(&inputs, &mut counted, &mut cache).unwrap();
+                let mut own = OwnKeys(FoldHook::new(&model, &plan));
+                let mut own_cache = KvCache::default();
+                let computed = model.prefill(&inputs, &mut own, &mut own_cache).unwrap();
+                let what = format!("{} (d {d_model}, lengths {lens:?})", plan.name);
+                assert_eq!(bits_of(&given), bits_of(&computed), "{what}: logits");
+                for (layer, (a, b)) in cache.layers.iter().zip(&own_cache.layers).enumerate() {
+                    let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
+                    assert_eq!(
+                        bits_of(&a.k),
+                        bits_of(&b.k),
+                        "{what}: keys of layer {layer}"
+                    );
+                    assert_eq!(
+                        bits_of(&a.v),
+                        bits_of(&b.v),
+                        "{what}: values of layer {layer}"
+                    );
+                }
+                // Stages that prune and rank by their own layer's keys (PDrop's, and FastV's and
+                // DART's at layer 0, which has no previous layer) hand them on; stages that merge
+                // tokens, or read the previous layer's keys, or none, do not.
+                let handing = plan
+                    .stages
+                    .iter()
+                    .filter(|st| {
+                        matches!(st.method, Method::Pdrop | Method::Fastv | Method::Dart)
+                            && (st.layer == 0 || !st.uses_previous_layer())
+                    })
+                    .count();
+                assert_eq!(counted.1, handing, "{what}: layers handed keys");
+                handed.push((plan.stages[0].method, counted.1));
+            }
+            // PDrop's three stages all do: the comparison above is not one of unused keys.
+            assert!(handed.contains(&(Method::Pdrop, 3)), "{handed:?}");
+        }
+    }
 }

@@ -74,6 +74,10 @@ pub struct SeqState {
     pub key_bias: Option<Tensor>,
     /// Queries and keys (b, h, t, hd) of the layer just run, when the hook asked for them.
     pub captured: Option<(Tensor, Tensor)>,
+    /// Keys (b, h, t, hd) that the next layer would compute from these rows, when a hook already has
+    /// them (a reduction stage that ranked tokens by that layer's keys and kept rows unchanged): the
+    /// layer then projects only its queries and values. Taken by the next layer of a forward pass.
+    pub known_keys: Option<Tensor>,
     /// Sum of the mixture-of-experts layers' auxiliary losses (weighted), when there are any.
     pub aux_loss: Option<Tensor>,
     /// Per mixture-of-experts layer, the tokens each expert received.
@@ -267,6 +271,23 @@ impl Packing {
         Tensor::cat(&[packed, &zero], 1)?
             .index_select(&self.unpack, 1)?
             .reshape((self.b, self.t, d))
+    }
+
+    /// Padded heads (b, h, t, hd) to packed (1, h, rows, hd).
+    fn pack_heads(&self, heads: &Tensor) -> Result<Tensor> {
+        let (b, h, t, hd) = heads.dims4()?;
+        if (b, t) != (self.b, self.t) {
+            candle_core::bail!(
+                "heads of {b} × {t} rows where the packed layout has {} × {}",
+                self.b,
+                self.t
+            );
+        }
+        heads
+            .transpose(0, 1)?
+            .reshape((h, b * t, hd))?
+            .index_select(&self.rows, 1)?
+            .unsqueeze(0)
     }
 
     /// Packed heads (1, h, rows, hd) back to padded (b, h, t, hd), padding rows zero.
@@ -604,13 +625,16 @@ impl Block {
     }
 
     /// Queries and keys (b, h, t, hd) of this layer for input `x` (normed, projected, QK-normed, rotated),
-    /// and the values when `with_values`.
+    /// and the values when `with_values`. `known_keys`, the keys of these rows computed before, are
+    /// taken as they are where the fused inference projection runs (it then projects queries and values
+    /// only), and computed again elsewhere.
     fn queries_keys(
         &self,
         x: &Tensor,
         rope: (&Tensor, &Tensor),
         cfg: &ModelConfig,
         with_values: bool,
+        known_keys: Option<&Tensor>,
     ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
         let normed = rms_norm(x, &self.attn_norm, cfg.norm_eps)?;
         if let (Some(w), true) = (&self.attn.qkv_transposed, with_values) {
@@ -632,6 +656,20 @@ impl Block {
                         rotate: false,
                     },
                 ];
+                if let Some(k) = known_keys {
+                    if k.dims() != [b, h, t, hd] {
+                        candle_core::bail!(
+                            "known keys of shape {:?} for a layer of ({b}, {h}, {t}, {hd})",
+                            k.dims()
+                        );
+                    }
+                    let wanted = [true, false, true];
+                    let [q, v]: [Tensor; 2] = w
+                        .matmul_heads_of(&normed, h, &parts, &wanted, rope, cfg.norm_eps)?
+                        .try_into()
+                        .expect("two parts");
+                    return Ok((q, k.clone(), Some(v)));
+                }
                 let [q, k, v]: [Tensor; 3] = w
                     .matmul_heads(&normed, h, &parts, rope, cfg.norm_eps)?
                     .try_into()
@@ -751,6 +789,7 @@ impl Block {
         cache: Option<&mut Option<LayerCache>>,
         new_keys: (&[bool], &[f32]),
         is_image: &[bool],
+        known_keys: Option<&Tensor>,
     ) -> Result<LayerOutput> {
         let (b, t, d) = x.dims3()?;
         // A pass without a cache over a dense mask (training, evaluation, scoring): q, k and v stay
@@ -768,7 +807,7 @@ impl Block {
             let (q, k) = (heads.i(0)?, heads.i(1)?);
             return self.finish(x, &attended, q, k, cfg, (new_keys.0, is_image));
         }
-        let (q, k, v) = self.queries_keys(x, rope, cfg, true)?;
+        let (q, k, v) = self.queries_keys(x, rope, cfg, true, known_keys)?;
         let v = v.ok_or_else(|| candle_core::Error::Msg("values were not computed".into()))?;
         let (new_valid, new_bias) = new_keys;
         let bias = match mask {
@@ -1319,6 +1358,7 @@ impl NativeModel {
             valid,
             key_bias: None,
             captured: None,
+            known_keys: None,
             aux_loss: None,
             routing: Vec::new(),
         }
@@ -1372,6 +1412,8 @@ impl NativeModel {
                 packed = None;
             }
             let changed = hook.before_layer(i, &mut state)?;
+            // Keys a hook found for this layer serve this layer only.
+            let known_keys = state.known_keys.take();
             if changed || layout.is_none() {
                 if let (Some(Layout::Packed(packing)), Some(hidden)) = (&layout, packed.take()) {
                     state.hidden = packing.unpack(&hidden)?;
@@ -1401,6 +1443,10 @@ impl NativeModel {
                     &packing.is_image[..],
                 ),
             };
+            let known_keys = match (layout, known_keys) {
+                (Layout::Packed(packing), Some(keys)) => Some(packing.pack_heads(&keys)?),
+                (_, keys) => keys,
+            };
             let mut out = block.forward(
                 &input,
                 (&rope.0, &rope.1),
@@ -1409,6 +1455,7 @@ impl NativeModel {
                 slot,
                 (&state.valid, &key_bias),
                 is_image,
+                known_keys.as_ref(),
             )?;
             match layout {
                 Layout::Dense { .. } => state.hidden = out.hidden.clone(),
@@ -1494,7 +1541,7 @@ impl NativeModel {
             .ok_or_else(|| candle_core::Error::Msg(format!("layer {layer} out of range")))?;
         let rope = self.rope_for(&state.positions, state.batch(), state.len())?;
         let (q, k, _) =
-            block.queries_keys(&state.hidden, (&rope.0, &rope.1), &self.config, false)?;
+            block.queries_keys(&state.hidden, (&rope.0, &rope.1), &self.config, false, None)?;
         Ok((q, k))
     }
 
@@ -1532,6 +1579,18 @@ impl NativeModel {
         let rope = self.rope_for(&positions, 1, n)?;
         let queries = block.queries(&picked, (&rope.0, &rope.1), &self.config)?;
         Ok((keys, Some(queries)))
+    }
+
+    /// Whether the keys that [`Self::layer_keys_and_queries_at`] computes over `rows` rows in f32 are,
+    /// for any subset of those rows, the bits that the layer's own projection of that subset gives: so on
+    /// the panel kernels, where a row's result does not depend on the rows beside it (up to
+    /// [`crate::panels::PANEL_ROWS_MAX`] rows, on a CPU that has them, with fused kernels on). A hook may
+    /// then hand the keys of the rows it keeps unchanged back as [`SeqState::known_keys`].
+    pub fn reuses_keys_of(&self, rows: usize) -> bool {
+        crate::panels::panels_available()
+            && crate::kernels::fused_enabled()
+            && rows <= crate::panels::PANEL_ROWS_MAX
+            && self.is_prepared_for_inference()
     }
 
     /// The final RMSNorm (before the output head) applied to hidden rows.
@@ -1722,6 +1781,7 @@ impl NativeModel {
                     Some(&mut cache.layers[i]),
                     (&new_valid, &new_bias),
                     &text,
+                    None,
                 )?
                 .hidden;
         }

@@ -240,10 +240,36 @@ impl PackedWeight {
         rope: (&Tensor, &Tensor),
         eps: f64,
     ) -> Result<Vec<Tensor>> {
+        self.matmul_heads_of(x, h, parts, &vec![true; parts.len()], rope, eps)
+    }
+
+    /// [`Self::matmul_heads`] for the parts marked in `wanted` only, in order: a layer whose keys a
+    /// reduction stage already computed projects its queries and values alone.
+    pub fn matmul_heads_of(
+        &self,
+        x: &Tensor,
+        h: usize,
+        parts: &[kernels::HeadPart],
+        wanted: &[bool],
+        rope: (&Tensor, &Tensor),
+        eps: f64,
+    ) -> Result<Vec<Tensor>> {
+        if wanted.len() != parts.len() {
+            bail!(
+                "matmul_heads: {} parts marked wanted or not, for {} parts",
+                wanted.len(),
+                parts.len()
+            );
+        }
         let (b, t, k) = x.dims3()?;
         let x2 = x.reshape((b * t, k))?;
-        let split = |product: Tensor| {
-            kernels::split_heads(&product.reshape((b, t, self.n))?, h, parts, rope, eps)
+        let split = |product: Tensor| -> Result<Vec<Tensor>> {
+            let all = kernels::split_heads(&product.reshape((b, t, self.n))?, h, parts, rope, eps)?;
+            Ok(all
+                .into_iter()
+                .zip(wanted)
+                .filter_map(|(part, &w)| w.then_some(part))
+                .collect())
         };
         let Some((panels, m)) = self.panels_for(&x2)? else {
             return split(self.matmul(&x2)?);
@@ -261,6 +287,7 @@ impl PackedWeight {
             })
             .collect::<Result<_>>()?;
         let rotate: Vec<bool> = parts.iter().map(|p| p.rotate).collect();
+        let chosen: Vec<usize> = (0..parts.len()).filter(|&p| wanted[p]).collect();
         let x2 = x2.contiguous()?;
         let out = kernels::with_slice::<f32, _>(&x2, |x| {
             kernels::with_tables::<f32, _>((&cos, &sin), |tables| {
@@ -269,6 +296,7 @@ impl PackedWeight {
                     tables,
                     norms: &norms,
                     rotate: &rotate,
+                    chosen: &chosen,
                     eps,
                 };
                 Ok(heads_product(
@@ -280,8 +308,8 @@ impl PackedWeight {
                 ))
             })
         })?;
-        let all = Tensor::from_vec(out, (parts.len(), b, h, t, hd), x.device())?;
-        (0..parts.len()).map(|p| all.get(p)).collect()
+        let all = Tensor::from_vec(out, (chosen.len(), b, h, t, hd), x.device())?;
+        (0..chosen.len()).map(|p| all.get(p)).collect()
     }
 
     /// The panels and the row count when x (m, k) takes them.
@@ -542,18 +570,20 @@ fn swiglu_product(
 }
 
 /// How [`heads_product`] lays out and finishes each head: (b, t, h, hd), the rotary tables (cos and sin,
-/// (b, t, hd/2) each), each part's norm weight and whether it rotates.
+/// (b, t, hd/2) each), each part's norm weight and whether it rotates, and which parts it computes
+/// (increasing).
 struct Heads<'a> {
     dims: (usize, usize, usize, usize),
     tables: (&'a [f32], &'a [f32]),
     norms: &'a [Option<Vec<f32>>],
     rotate: &'a [bool],
+    chosen: &'a [usize],
     eps: f64,
 }
 
 /// x (m = b·t, k) times panels packing (k, n), n = parts · h · hd with hd a multiple of 16, as one
-/// (parts, b, h, t, hd) buffer, on `kernel`: head by head, the head's hd/16 panels into a buffer of
-/// m × hd, then each row [`kernels::head_row`]ed into place.
+/// (chosen parts, b, h, t, hd) buffer of the parts `heads.chosen`, on `kernel`: head by head, the head's
+/// hd/16 panels into a buffer of m × hd, then each row [`kernels::head_row`]ed into place.
 fn heads_product(
     x: &[f32],
     panels: &[f32],
@@ -573,24 +603,37 @@ fn heads_product(
         "panels: {} packed values for {k} × {n}",
         panels.len()
     );
+    assert!(
+        heads.chosen.windows(2).all(|w| w[0] < w[1]) && heads.chosen.iter().all(|&p| p < parts),
+        "panels: parts {:?} chosen out of {parts}",
+        heads.chosen
+    );
     let half = hd / 2;
     assert!(heads.tables.0.len() == m * half && heads.tables.1.len() == m * half);
-    let mut out: Vec<f32> = Vec::with_capacity(m * n);
+    let size = m * heads.chosen.len() * h * hd;
+    let mut out: Vec<f32> = Vec::with_capacity(size);
     let dst = Out(out.as_mut_ptr());
     let dst = &dst;
     let per_head = hd / PANEL;
+    // Group g is head g % h of chosen part g / h; its j-th panel is at this index among all the panels.
+    let panel_index = |g: usize, j: usize| (heads.chosen[g / h] * h + g % h) * per_head + j;
     let panel = |q: usize| &panels[q * k * PANEL..(q + 1) * k * PANEL];
-    let groups = parts * h;
+    let groups = heads.chosen.len() * h;
     let jobs = rayon::current_num_threads().clamp(1, groups.max(1));
     let per_job = groups.div_ceil(jobs);
     (0..jobs).into_par_iter().for_each(|job| {
-        let end = ((job + 1) * per_job).min(groups) * per_head;
+        let end = ((job + 1) * per_job).min(groups);
         let (mut tile, mut y) = (vec![0f32; m * hd], vec![0f32; hd]);
-        for g in job * per_job..(end / per_head) {
-            let (p, head) = (g / h, g % h);
+        for g in job * per_job..end {
+            let (c, head) = (g / h, g % h);
+            let p = heads.chosen[c];
             for j in 0..per_head {
-                let q = g * per_head + j;
-                let fetch = (q + 1 < end).then(|| panel(q + 1));
+                let q = panel_index(g, j);
+                let fetch = if j + 1 < per_head {
+                    Some(panel(q + 1))
+                } else {
+                    (g + 1 < end).then(|| panel(panel_index(g + 1, 0)))
+                };
                 // SAFETY: the panels hold k × 16 values each and x m × k (asserted above); the tile
                 // holds m rows of hd ≥ 16·(j + 1) values.
                 unsafe {
@@ -622,16 +665,16 @@ fn heads_product(
                     rope,
                     heads.eps,
                 );
-                let at = (((p * b + s) * h + head) * t + ti) * hd;
-                // SAFETY: `out` has room for m × n values; head (p, head) of row (s, ti) is written by this
-                // group alone, once.
+                let at = (((c * b + s) * h + head) * t + ti) * hd;
+                // SAFETY: `out` has room for `size` values; head (c, head) of row (s, ti) is written by
+                // this group alone, once.
                 unsafe { std::ptr::copy_nonoverlapping(y.as_ptr(), dst.0.add(at), hd) };
             }
         }
     });
-    // SAFETY: every one of the m × n values was written above: each (part, head) group wrote its head
-    // of every row.
-    unsafe { out.set_len(m * n) };
+    // SAFETY: every one of the `size` values was written above: each (chosen part, head) group wrote its
+    // head of every row.
+    unsafe { out.set_len(size) };
     out
 }
 
@@ -1142,6 +1185,7 @@ mod tests {
                     tables: (&cos, &sin),
                     norms: &norms,
                     rotate: &[true, true, false],
+                    chosen: &[0, 1, 2],
                     eps: 1e-6,
                 };
                 let run = |kernel| {
@@ -1551,6 +1595,26 @@ mod tests {
                 )
                 .unwrap();
                 assert_eq!(got.len(), parts.len());
+                // Every subset of the parts, none included, gives those parts' values bit for bit.
+                for mask in 0..1usize << parts.len() {
+                    let wanted: Vec<bool> = (0..parts.len()).map(|p| mask >> p & 1 == 1).collect();
+                    let some = packed
+                        .matmul_heads_of(&x, h, parts, &wanted, (&cos, &sin), 1e-5)
+                        .unwrap();
+                    let expected: Vec<&Tensor> = got
+                        .iter()
+                        .zip(&wanted)
+                        .filter_map(|(part, &w)| w.then_some(part))
+                        .collect();
+                    assert_eq!(some.len(), expected.len(), "parts {wanted:?}");
+                    for (some, expected) in some.iter().zip(expected) {
+                        assert_eq!(
+                            bits(some),
+                            bits(expected),
+                            "parts {wanted:?}, h {h}, hd {hd}"
+                        );
+                    }
+                }
                 for ((got, two_steps), plain) in got.iter().zip(&two_steps).zip(&plain) {
                     assert_eq!(got.dims(), [b, h, t, hd]);
                     let what = format!("{} parts, h {h}, hd {hd}, b {b}, t {t}", parts.len());

@@ -284,6 +284,7 @@ impl VisionEncoder {
                     None,
                     (&valid, &key_bias),
                     &is_image,
+                    None,
                 )?
                 .hidden;
         }
