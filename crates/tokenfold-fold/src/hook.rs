@@ -385,15 +385,15 @@ impl<'a> FoldHook<'a> {
         if self.record_groups {
             self.groups.push((layer, stage_groups));
         }
-        // Keys of this layer (not the previous one's, captured) stay right for every row the stage kept
-        // as it was; when it kept all of them so, the layer need not project its keys again, and gets
-        // the same bits where the model says so.
+        // The keys of this layer (not the previous one's, captured) are the layer's own for a row kept
+        // unchanged: when every new row is an old row unchanged, the layer reuses them rather than
+        // projecting them again, where the model says it gets the same bits.
         let reusable = query_rows.is_some()
             && mixes_on_host(&state.hidden)
             && state.hidden.dtype() == DType::F32
             && self.model.reuses_keys_of(state.batch() * state.len());
         let known_keys = match (&keys, reusable) {
-            (Some(keys), true) => kept_keys(keys, &samples)?,
+            (Some(keys), true) => kept_keys(keys, &samples, state.hidden.device())?,
             _ => None,
         };
         self.rebuild(state, &samples)?;
@@ -955,7 +955,11 @@ impl LayerHook for FoldHook<'_> {
 /// The keys (b, h, t', hd) of the rows `samples` rebuild the batch with, gathered from the keys (b, h, t,
 /// hd) of the rows before, when every new row is an old one as it was (one old row, weight 1: the same
 /// bits, hence the same keys); `None` when a row is a mix. Padding rows are zero.
-fn kept_keys(keys: &HostValues, samples: &[Vec<NewRow>]) -> Result<Option<Tensor>> {
+fn kept_keys(
+    keys: &HostValues,
+    samples: &[Vec<NewRow>],
+    device: &candle_core::Device,
+) -> Result<Option<Tensor>> {
     let &[b, h, t, hd] = keys.dims() else {
         candle_core::bail!("keys of shape {:?}, expected (b, h, t, hd)", keys.dims());
     };
@@ -978,11 +982,7 @@ fn kept_keys(keys: &HostValues, samples: &[Vec<NewRow>]) -> Result<Option<Tensor
             }
         }
     }
-    Ok(Some(Tensor::from_vec(
-        kept,
-        (b, h, t_new, hd),
-        &candle_core::Device::Cpu,
-    )?))
+    Ok(Some(Tensor::from_vec(kept, (b, h, t_new, hd), device)?))
 }
 
 /// Whether a rebuild can mix `hidden`'s rows with [`kernels::mix_rows`]: an inference pass on the CPU in

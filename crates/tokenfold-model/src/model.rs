@@ -76,7 +76,9 @@ pub struct SeqState {
     pub captured: Option<(Tensor, Tensor)>,
     /// Keys (b, h, t, hd) that the next layer would compute from these rows, when a hook already has
     /// them (a reduction stage that ranked tokens by that layer's keys and kept rows unchanged): the
-    /// layer then projects only its queries and values. Taken by the next layer of a forward pass.
+    /// layer then projects only its queries and values. Taken by the next layer of a forward pass. The
+    /// layer checks their shape, dtype and device only: they must be the bits it would compute (see
+    /// [`NativeModel::reuses_keys_of`]).
     pub known_keys: Option<Tensor>,
     /// Sum of the mixture-of-experts layers' auxiliary losses (weighted), when there are any.
     pub aux_loss: Option<Tensor>,
@@ -540,6 +542,9 @@ fn norm_and_rotate(
     }
 }
 
+/// The parts of a layer's stacked q, k and v projection that it computes when given its keys.
+const QUERIES_AND_VALUES: [bool; 3] = [true, false, true];
+
 fn ones(vb: &VarBuilder, dim: usize, name: &str) -> Result<Tensor> {
     vb.get_with_hints(dim, name, Init::Const(1.0))
 }
@@ -627,7 +632,8 @@ impl Block {
     /// Queries and keys (b, h, t, hd) of this layer for input `x` (normed, projected, QK-normed, rotated),
     /// and the values when `with_values`. `known_keys`, the keys of these rows computed before, are
     /// taken as they are where the fused inference projection runs (it then projects queries and values
-    /// only), and computed again elsewhere.
+    /// only, or, with heads of a size that is not a multiple of 16, all three and drops its keys), and
+    /// computed again elsewhere.
     fn queries_keys(
         &self,
         x: &Tensor,
@@ -657,15 +663,26 @@ impl Block {
                     },
                 ];
                 if let Some(k) = known_keys {
-                    if k.dims() != [b, h, t, hd] {
+                    if k.dims() != [b, h, t, hd]
+                        || k.dtype() != normed.dtype()
+                        || !k.device().same_device(normed.device())
+                    {
                         candle_core::bail!(
-                            "known keys of shape {:?} for a layer of ({b}, {h}, {t}, {hd})",
-                            k.dims()
+                            "known keys of shape {:?} ({:?}) for a layer of ({b}, {h}, {t}, {hd}) ({:?})",
+                            k.dims(),
+                            k.dtype(),
+                            normed.dtype()
                         );
                     }
-                    let wanted = [true, false, true];
                     let [q, v]: [Tensor; 2] = w
-                        .matmul_heads_of(&normed, h, &parts, &wanted, rope, cfg.norm_eps)?
+                        .matmul_heads_of(
+                            &normed,
+                            h,
+                            &parts,
+                            &QUERIES_AND_VALUES,
+                            rope,
+                            cfg.norm_eps,
+                        )?
                         .try_into()
                         .expect("two parts");
                     return Ok((q, k.clone(), Some(v)));
@@ -1581,15 +1598,19 @@ impl NativeModel {
         Ok((keys, Some(queries)))
     }
 
-    /// Whether the keys that [`Self::layer_keys_and_queries_at`] computes over `rows` rows in f32 are,
-    /// for any subset of those rows, the bits that the layer's own projection of that subset gives: so on
-    /// the panel kernels, where a row's result does not depend on the rows beside it (up to
-    /// [`crate::panels::PANEL_ROWS_MAX`] rows, on a CPU that has them, with fused kernels on). A hook may
-    /// then hand the keys of the rows it keeps unchanged back as [`SeqState::known_keys`].
+    /// Whether a hook should hand the keys that [`Self::layer_keys_and_queries_at`] computed over `rows`
+    /// rows (f32, on the CPU, tracking no gradient) back to the layer as [`SeqState::known_keys`], for the
+    /// rows it keeps unchanged. They are then, for any subset of those rows, the bits that the layer's own
+    /// projection of that subset gives: the panel kernels compute each row on its own (up to
+    /// [`crate::panels::PANEL_ROWS_MAX`] rows, on a CPU that has them, with fused kernels on), and the
+    /// keys' panels hold the same values as the key part of the layer's stacked projection. Heads whose
+    /// size is not a multiple of 16 are left out: their layer computes its keys anyway (see
+    /// [`crate::panels::PackedWeight::matmul_heads_of`]).
     pub fn reuses_keys_of(&self, rows: usize) -> bool {
         crate::panels::panels_available()
             && crate::kernels::fused_enabled()
             && rows <= crate::panels::PANEL_ROWS_MAX
+            && self.config.head_dim().is_multiple_of(crate::panels::PANEL)
             && self.is_prepared_for_inference()
     }
 

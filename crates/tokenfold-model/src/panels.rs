@@ -244,7 +244,9 @@ impl PackedWeight {
     }
 
     /// [`Self::matmul_heads`] for the parts marked in `wanted` only, in order: a layer whose keys a
-    /// reduction stage already computed projects its queries and values alone.
+    /// reduction stage already computed projects its queries and values alone. Only the fused pass (hd a
+    /// multiple of 16, up to [`PANEL_ROWS_MAX`] rows) skips the other parts' work; elsewhere all parts
+    /// are computed and the others dropped.
     pub fn matmul_heads_of(
         &self,
         x: &Tensor,
@@ -260,6 +262,9 @@ impl PackedWeight {
                 wanted.len(),
                 parts.len()
             );
+        }
+        if !wanted.contains(&true) {
+            return Ok(Vec::new());
         }
         let (b, t, k) = x.dims3()?;
         let x2 = x.reshape((b * t, k))?;
