@@ -130,6 +130,7 @@ fn bench_prefill(
     );
     let mut rows = Vec::new();
     let mut after_full = Vec::new();
+    let mut with_signals = Vec::new();
     for &batch in batches {
         let l = tokenfold_fold::report::measure_latency(
             &model,
@@ -166,6 +167,16 @@ fn bench_prefill(
             l.overhead_ms,
             100.0 * l.overhead_share()
         );
+        if l.signal_flops > 0.0 {
+            let predicted = l.predicted_speedup_with_signals();
+            with_signals.push(format!(
+                "batch {}: {:.1} MFLOPs, {:.1}% of the plan's layers; predicted speed-up {predicted:.2}×, measured / that {:.2}",
+                l.batch,
+                l.signal_flops / 1e6,
+                100.0 * l.signal_flops / l.plan_flops.max(1e-9),
+                l.speedup() / predicted.max(1e-9)
+            ));
+        }
         if let (Some(ms), Some(speedup)) = (l.plan_after_full_ms, l.speedup_after_full())
             && !plan.stages.is_empty()
         {
@@ -179,11 +190,21 @@ fn bench_prefill(
             "plan_after_full_ms": l.plan_after_full_ms,
             "speedup_after_full": l.speedup_after_full(),
             "speedup": l.speedup(), "predicted_speedup": l.predicted_speedup,
+            "plan_flops": l.plan_flops, "signal_flops": l.signal_flops,
+            "predicted_speedup_with_signals": l.predicted_speedup_with_signals(),
             "speedup_efficiency": l.speedup_efficiency(),
             "matmul_full_ms": matmuls.map(|m| m.0), "matmul_plan_ms": matmuls.map(|m| m.1),
             "row_ratio": l.row_ratio(), "full_rows": l.full_rows, "plan_rows": l.plan_rows,
             "predicted_speedup_padded": l.predicted_speedup_padded, "reduction_ms": l.overhead_ms,
             "reduction_share": l.overhead_share(), "lengths": l.lengths, "image_starts": l.image_starts}));
+    }
+    if !with_signals.is_empty() {
+        println!(
+            "\nthe stages' own key and query projections (keys of every row where a stage reads its own layer's, less those handed on to the layer), which the FLOPs prediction above leaves out:"
+        );
+        for line in &with_signals {
+            println!("- {line}");
+        }
     }
     if !after_full.is_empty() {
         println!(

@@ -62,6 +62,11 @@ pub struct Trace {
     /// Σ over image samples of prompt tokens before any reduction, and of their squares.
     pub prompt_tokens: u64,
     pub prompt_tokens_sq: f64,
+    /// Projections of one row by a d × d weight that the stages made beyond the layers' own: the keys
+    /// of every valid row and the queries of the rows read, where a stage reads its own layer's, less
+    /// the keys it handed on to the layer (`SeqState::known_keys`), which the layer then does not
+    /// project. What the layers' FLOPs leave out of a plan's cost; captured queries and keys cost nothing.
+    pub signal_projections: u64,
     /// Time spent computing signals and running operators, including the layer-0 bookkeeping that every
     /// plan needs (the samples' layouts and, for SparseVLM, its rater selection).
     pub overhead: Duration,
@@ -319,6 +324,14 @@ impl<'a> FoldHook<'a> {
         } else {
             let rows = self.query_rows(stage, state);
             let (k, q) = self.model.layer_keys_and_queries_at(layer, state, &rows)?;
+            // Counted over image samples, as the layers' FLOPs are (`record`).
+            let t = state.len();
+            let imaged = |row: usize| self.layouts[row / t.max(1)].image_start.is_some();
+            let valid = (0..state.valid.len())
+                .filter(|&r| state.valid[r] && imaged(r))
+                .count();
+            let queries = rows.iter().filter(|&&r| imaged(r)).count();
+            self.trace.signal_projections += (valid + queries) as u64;
             (Some(k), q, Some(rows))
         };
         let keys = keys.as_ref().map(HostValues::of).transpose()?;
@@ -397,6 +410,15 @@ impl<'a> FoldHook<'a> {
             _ => None,
         };
         self.rebuild(state, &samples)?;
+        if known_keys.is_some() {
+            let handed: usize = samples
+                .iter()
+                .enumerate()
+                .filter(|(s, _)| self.layouts[*s].image_start.is_some())
+                .map(|(_, rows)| rows.len())
+                .sum();
+            self.trace.signal_projections -= handed as u64;
+        }
         state.known_keys = known_keys;
         Ok(())
     }

@@ -53,6 +53,13 @@ pub struct Latency {
     /// model packs its rows instead (`NativeModel::forward`), and computes no padding.
     #[serde(default)]
     pub predicted_speedup_padded: f64,
+    /// FLOPs of the stages' own projections per prefill ([`Trace::signal_projections`] × 2·d²): the
+    /// work of a plan's signals that the layers' FLOPs, and so [`Latency::predicted_speedup`], leave out.
+    #[serde(default)]
+    pub signal_flops: f64,
+    /// The planned prefill's FLOPs in the layers (the prediction's denominator).
+    #[serde(default)]
+    pub plan_flops: f64,
     /// The rows each decoder layer computes in the full and in the planned prefill (real rows when the
     /// model packs them, padded batches otherwise): what [`matmul_ms`] times.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -79,6 +86,11 @@ impl Latency {
     /// The measured speed-up as a share of the one the FLOPs predict.
     pub fn speedup_efficiency(&self) -> f64 {
         self.speedup() / self.predicted_speedup.max(1e-9)
+    }
+    /// The speed-up the FLOPs predict when the plan's cost counts its stages' own projections too
+    /// ([`Latency::signal_flops`]).
+    pub fn predicted_speedup_with_signals(&self) -> f64 {
+        self.predicted_speedup * self.plan_flops / (self.plan_flops + self.signal_flops).max(1e-9)
     }
     pub fn overhead_share(&self) -> f64 {
         self.overhead_ms / self.plan_ms.max(1e-9)
@@ -260,6 +272,8 @@ pub fn measure_latency(
         plan_after_full_ms: Some(after_full_ms),
         predicted_speedup: full_flops / plan_flops.max(1e-9),
         predicted_speedup_padded: full_computed / plan_computed.max(1e-9),
+        signal_flops: 2.0 * (model.config.d_model as f64).powi(2) * trace.signal_projections as f64,
+        plan_flops,
         full_rows,
         plan_rows,
         lengths: inputs.lengths.clone(),

@@ -1440,6 +1440,38 @@ fn a_layer_given_its_stages_keys_computes_the_same_bits() {
                     .count()
                     * usize::from(model.reuses_keys_of(1));
                 assert_eq!(counted.1, handing, "{what}: layers handed keys");
+                // The stages' own projections: the keys of every row entering a stage that reads its
+                // own layer's, and the queries of the last prompt token and the summary token for
+                // FastV and PDrop, less the keys handed on (the rows the stage keeps).
+                if matches!(
+                    plan.stages[0].method,
+                    Method::Pdrop | Method::Fastv | Method::Dart | Method::Tome
+                ) {
+                    let trace = &counted.0.trace;
+                    let reused = model.reuses_keys_of(1);
+                    let expected: u64 = plan
+                        .stages
+                        .iter()
+                        .filter(|st| st.layer == 0 || !st.uses_previous_layer())
+                        .map(|st| {
+                            let before = match st.layer {
+                                0 => trace.prompt_tokens,
+                                l => trace.entering_all[l - 1],
+                            };
+                            let queries = match st.method {
+                                Method::Pdrop | Method::Fastv => 2 * trace.samples,
+                                _ => 0,
+                            };
+                            let handed = if reused && st.method != Method::Tome {
+                                trace.entering_all[st.layer]
+                            } else {
+                                0
+                            };
+                            before + queries - handed
+                        })
+                        .sum();
+                    assert_eq!(trace.signal_projections, expected, "{what}: projections");
+                }
                 handed.push((plan.stages[0].method, counted.1));
             }
             // Where the model reuses keys (panel kernels, heads of 16), PDrop's three stages all hand
