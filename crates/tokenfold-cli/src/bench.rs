@@ -200,7 +200,7 @@ fn bench_prefill(
     }
     if !with_signals.is_empty() {
         println!(
-            "\nthe stages' own key and query projections (keys of every row where a stage reads its own layer's, less those handed on to the layer), which the FLOPs prediction above leaves out:"
+            "\nthe stages' own key and query projections (where a stage reads its own layer's: the keys of every real row and the queries it projects, less the keys handed on to the layer), which the FLOPs prediction above leaves out:"
         );
         for line in &with_signals {
             println!("- {line}");

@@ -62,10 +62,13 @@ pub struct Trace {
     /// Σ over image samples of prompt tokens before any reduction, and of their squares.
     pub prompt_tokens: u64,
     pub prompt_tokens_sq: f64,
-    /// Projections of one row by a d × d weight that the stages made beyond the layers' own: the keys
-    /// of every valid row and the queries of the rows read, where a stage reads its own layer's, less
-    /// the keys it handed on to the layer (`SeqState::known_keys`), which the layer then does not
+    /// Projections of one row by a d × d weight that the stages made beyond the layers' own, where a
+    /// stage reads its own layer's queries and keys: the keys of every valid row and the queries of the
+    /// rows whose queries it projects (the last prompt token and the summary token, SparseVLM's raters),
+    /// less the keys it handed on to the layer (`SeqState::known_keys`), which the layer then does not
     /// project. What the layers' FLOPs leave out of a plan's cost; captured queries and keys cost nothing.
+    /// Counted over valid rows, as the layers' FLOPs are: a padded batch's stage projects its padding
+    /// rows too, so above batch 1 this is a lower bound of the work done.
     pub signal_projections: u64,
     /// Time spent computing signals and running operators, including the layer-0 bookkeeping that every
     /// plan needs (the samples' layouts and, for SparseVLM, its rater selection).
@@ -331,15 +334,14 @@ impl<'a> FoldHook<'a> {
                 .filter(|&r| state.valid[r] && imaged(r))
                 .count();
             let queries = rows.iter().filter(|&&r| imaged(r)).count();
-            self.trace.signal_projections += (valid + queries) as u64;
-            (Some(k), q, Some(rows))
+            (Some(k), q, Some((rows, valid + queries)))
         };
         let keys = keys.as_ref().map(HostValues::of).transpose()?;
         let queries = queries.as_ref().map(HostValues::of).transpose()?;
         let qk = match (&keys, &queries, &query_rows) {
             (None, _, _) => None,
             (Some(k), Some(q), None) => Some(QueriesKeys::at_every_row(q, k)?),
-            (Some(k), q, Some(rows)) => Some(QueriesKeys::at_rows(k, q.as_ref(), rows)?),
+            (Some(k), q, Some((rows, _))) => Some(QueriesKeys::at_rows(k, q.as_ref(), rows)?),
             (Some(_), None, None) => {
                 candle_core::bail!("stage at layer {layer}: keys without queries")
             }
@@ -410,14 +412,18 @@ impl<'a> FoldHook<'a> {
             _ => None,
         };
         self.rebuild(state, &samples)?;
-        if known_keys.is_some() {
-            let handed: usize = samples
-                .iter()
-                .enumerate()
-                .filter(|(s, _)| self.layouts[*s].image_start.is_some())
-                .map(|(_, rows)| rows.len())
-                .sum();
-            self.trace.signal_projections -= handed as u64;
+        if let Some((_, projected)) = query_rows {
+            // The layer takes the keys handed on and does not project them: only the rest is extra.
+            let handed: usize = match known_keys {
+                Some(_) => samples
+                    .iter()
+                    .enumerate()
+                    .filter(|(s, _)| self.layouts[*s].image_start.is_some())
+                    .map(|(_, rows)| rows.len())
+                    .sum(),
+                None => 0,
+            };
+            self.trace.signal_projections += projected.saturating_sub(handed) as u64;
         }
         state.known_keys = known_keys;
         Ok(())

@@ -90,7 +90,11 @@ impl Latency {
     /// The speed-up the FLOPs predict when the plan's cost counts its stages' own projections too
     /// ([`Latency::signal_flops`]).
     pub fn predicted_speedup_with_signals(&self) -> f64 {
-        self.predicted_speedup * self.plan_flops / (self.plan_flops + self.signal_flops).max(1e-9)
+        if self.signal_flops <= 0.0 || self.plan_flops <= 0.0 {
+            // Nothing to add, or a report written before the FLOPs were kept.
+            return self.predicted_speedup;
+        }
+        self.predicted_speedup * self.plan_flops / (self.plan_flops + self.signal_flops)
     }
     pub fn overhead_share(&self) -> f64 {
         self.overhead_ms / self.plan_ms.max(1e-9)
