@@ -277,10 +277,15 @@ impl<'a> FoldHook<'a> {
         Ok(())
     }
 
+    /// Whether sample `s` holds an image: the budget accounting counts those samples only.
+    fn has_image(&self, s: usize) -> bool {
+        self.layouts[s].image_start.is_some()
+    }
+
     fn record(&mut self, layer: usize, state: &SeqState) {
         let t = state.len();
         for s in 0..state.batch() {
-            if self.layouts[s].image_start.is_none() {
+            if !self.has_image(s) {
                 continue;
             }
             let rows = s * t..(s + 1) * t;
@@ -328,8 +333,8 @@ impl<'a> FoldHook<'a> {
             let rows = self.query_rows(stage, state);
             let (k, q) = self.model.layer_keys_and_queries_at(layer, state, &rows)?;
             // Counted over image samples, as the layers' FLOPs are (`record`).
-            let t = state.len();
-            let imaged = |row: usize| self.layouts[row / t.max(1)].image_start.is_some();
+            let t = state.len().max(1);
+            let imaged = |row: usize| self.has_image(row / t);
             let valid = (0..state.valid.len())
                 .filter(|&r| state.valid[r] && imaged(r))
                 .count();
@@ -418,7 +423,7 @@ impl<'a> FoldHook<'a> {
                 Some(_) => samples
                     .iter()
                     .enumerate()
-                    .filter(|(s, _)| self.layouts[*s].image_start.is_some())
+                    .filter(|&(s, _)| self.has_image(s))
                     .map(|(_, rows)| rows.len())
                     .sum(),
                 None => 0,

@@ -1306,61 +1306,38 @@ fn unified_stages_are_validated_with_the_parameter_named() {
     assert!(err.contains("hot"), "{err}");
 }
 
-/// A [`FoldHook`] whose stages' keys never reach their layer: each layer projects its own.
-struct OwnKeys<'a>(FoldHook<'a>);
+/// A [`FoldHook`] whose stages' keys pass through `edit` on their way to the layer; it counts the
+/// layers they were handed to.
+struct KeysHook<'a, F: FnMut(Tensor) -> Option<Tensor>> {
+    hook: FoldHook<'a>,
+    edit: F,
+    handed: usize,
+}
 
-impl LayerHook for OwnKeys<'_> {
-    fn before_layer(&mut self, layer: usize, state: &mut SeqState) -> candle_core::Result<bool> {
-        let changed = self.0.before_layer(layer, state)?;
-        state.known_keys = None;
-        Ok(changed)
-    }
-
-    fn capture(&self, layer: usize) -> bool {
-        self.0.capture(layer)
-    }
-
-    fn reads_hidden(&self, layer: usize) -> bool {
-        self.0.reads_hidden(layer)
+impl<'a, F: FnMut(Tensor) -> Option<Tensor>> KeysHook<'a, F> {
+    fn new(model: &'a NativeModel, plan: &'a Plan, edit: F) -> Self {
+        KeysHook {
+            hook: FoldHook::new(model, plan),
+            edit,
+            handed: 0,
+        }
     }
 }
 
-/// A [`FoldHook`] that counts the layers its stages handed keys to.
-struct CountKeys<'a>(FoldHook<'a>, usize);
-
-impl LayerHook for CountKeys<'_> {
+impl<F: FnMut(Tensor) -> Option<Tensor>> LayerHook for KeysHook<'_, F> {
     fn before_layer(&mut self, layer: usize, state: &mut SeqState) -> candle_core::Result<bool> {
-        let changed = self.0.before_layer(layer, state)?;
-        self.1 += usize::from(state.known_keys.is_some());
+        let changed = self.hook.before_layer(layer, state)?;
+        self.handed += usize::from(state.known_keys.is_some());
+        state.known_keys = state.known_keys.take().and_then(&mut self.edit);
         Ok(changed)
     }
 
     fn capture(&self, layer: usize) -> bool {
-        self.0.capture(layer)
+        self.hook.capture(layer)
     }
 
     fn reads_hidden(&self, layer: usize) -> bool {
-        self.0.reads_hidden(layer)
-    }
-}
-
-/// A [`FoldHook`] whose stages hand their layer keys twice too large: what the layer computes with keys
-/// it was given.
-struct DoubledKeys<'a>(FoldHook<'a>);
-
-impl LayerHook for DoubledKeys<'_> {
-    fn before_layer(&mut self, layer: usize, state: &mut SeqState) -> candle_core::Result<bool> {
-        let changed = self.0.before_layer(layer, state)?;
-        state.known_keys = state.known_keys.take().map(|k| k * 2.0).transpose()?;
-        Ok(changed)
-    }
-
-    fn capture(&self, layer: usize) -> bool {
-        self.0.capture(layer)
-    }
-
-    fn reads_hidden(&self, layer: usize) -> bool {
-        self.0.reads_hidden(layer)
+        self.hook.reads_hidden(layer)
     }
 }
 
@@ -1398,17 +1375,18 @@ fn a_layer_given_its_stages_keys_computes_the_same_bits() {
             let inputs = prompts(&model, lens, 6);
             let mut handed = Vec::new();
             for plan in plans_for(g) {
-                let mut counted = CountKeys(FoldHook::new(&model, &plan), 0);
+                // As handed on; dropped, so that each layer projects its own; doubled.
+                let mut counted = KeysHook::new(&model, &plan, Some);
                 let mut cache = KvCache::default();
                 let given = model.prefill(&inputs, &mut counted, &mut cache).unwrap();
-                let mut own = OwnKeys(FoldHook::new(&model, &plan));
+                let mut own = KeysHook::new(&model, &plan, |_| None);
                 let mut own_cache = KvCache::default();
                 let computed = model.prefill(&inputs, &mut own, &mut own_cache).unwrap();
                 let what = format!("{} (d {d_model}, lengths {lens:?})", plan.name);
                 assert_eq!(bits_of(&given), bits_of(&computed), "{what}: logits");
                 // Keys handed on are the ones the layer uses.
-                if counted.1 > 0 {
-                    let mut doubled = DoubledKeys(FoldHook::new(&model, &plan));
+                if counted.handed > 0 {
+                    let mut doubled = KeysHook::new(&model, &plan, |k| Some((k * 2.0).unwrap()));
                     let altered = model
                         .prefill(&inputs, &mut doubled, &mut KvCache::default())
                         .unwrap();
@@ -1439,7 +1417,7 @@ fn a_layer_given_its_stages_keys_computes_the_same_bits() {
                     })
                     .count()
                     * usize::from(model.reuses_keys_of(1));
-                assert_eq!(counted.1, handing, "{what}: layers handed keys");
+                assert_eq!(counted.handed, handing, "{what}: layers handed keys");
                 // The stages' own projections: the keys of every row entering a stage that reads its
                 // own layer's, and the queries of the last prompt token and the summary token for
                 // FastV and PDrop, less the keys handed on (the rows the stage keeps).
@@ -1447,7 +1425,7 @@ fn a_layer_given_its_stages_keys_computes_the_same_bits() {
                     plan.stages[0].method,
                     Method::Pdrop | Method::Fastv | Method::Dart | Method::Tome
                 ) {
-                    let trace = &counted.0.trace;
+                    let trace = &counted.hook.trace;
                     let reused = model.reuses_keys_of(1);
                     let expected: u64 = plan
                         .stages
@@ -1472,7 +1450,7 @@ fn a_layer_given_its_stages_keys_computes_the_same_bits() {
                         .sum();
                     assert_eq!(trace.signal_projections, expected, "{what}: projections");
                 }
-                handed.push((plan.stages[0].method, counted.1));
+                handed.push((plan.stages[0].method, counted.handed));
             }
             // Where the model reuses keys (panel kernels, heads of 16), PDrop's three stages all hand
             // theirs on: the comparison above is not one of unused keys.
